@@ -1,0 +1,1 @@
+"""FX passes on exported ATen graphs of UNet2DConditionModel (ours or diffusers')."""
