@@ -1,0 +1,66 @@
+"""FreeU (arXiv 2309.11497) with its scales as tensors, so changing them never changes the graph.
+
+diffusers writes FreeU with in-place slice assignment and a Python-float mask; here the backbone
+scale is one channel-scale multiply and the skip filter multiplies the spectrum by
+`where(low_freq_rect, s, 1)`. The numbers are the same: x * b for the first half of the channels,
+x * 1 (exact) for the rest, and the same float32 mask values in the Fourier domain.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FreeUScales(nn.Module):
+    """One stage's scales: `b` for the backbone, `s` for the skip features. Always float32.
+
+    The buffers are non-persistent (no state_dict keys, like diffusers' attributes) and stay float32
+    when the model is cast to fp16/bf16, as diffusers keeps Python floats.
+    """
+
+    def __init__(self, b: float, s: float):
+        super().__init__()
+        self.register_buffer("b", torch.tensor(float(b), dtype=torch.float32), persistent=False)
+        self.register_buffer("s", torch.tensor(float(s), dtype=torch.float32), persistent=False)
+
+    def set(self, b: float, s: float) -> None:
+        with torch.no_grad():
+            self.b.fill_(float(b))
+            self.s.fill_(float(s))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # A dtype cast (model.half()) must not round the scales; device moves still apply.
+        self.b = self.b.float()
+        self.s = self.s.float()
+        return self
+
+    def forward(self, hidden_states: torch.Tensor, res_hidden_states: torch.Tensor):
+        return scale_backbone(hidden_states, self.b), fourier_filter(res_hidden_states, self.s)
+
+
+def scale_backbone(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Multiply the first half of the channels by b. x: [B, C, H, W]."""
+    half = x.shape[1] // 2
+    ones = torch.ones(x.shape[1] - half, dtype=torch.float32, device=x.device)
+    channel_scale = torch.cat([b.to(x.device).expand(half), ones]).view(1, -1, 1, 1)
+    # diffusers multiplies by a Python float, i.e. in float32 arithmetic, then rounds to x's dtype.
+    return (x.float() * channel_scale).to(x.dtype)
+
+
+def low_frequency_rect(height: int, width: int, threshold: int = 1, device=None) -> torch.Tensor:
+    """Boolean [H, W] mask of the centered low-frequency square (Python slice semantics as diffusers)."""
+    rect = torch.zeros(height, width, dtype=torch.bool, device=device)
+    crow, ccol = height // 2, width // 2
+    rect[crow - threshold: crow + threshold, ccol - threshold: ccol + threshold] = True
+    return rect
+
+
+def fourier_filter(x: torch.Tensor, s: torch.Tensor, threshold: int = 1) -> torch.Tensor:
+    """Scale the low frequencies of x's spatial spectrum by s. Computed in float32 (as diffusers does
+    for every size where the FFT needs it)."""
+    h, w = x.shape[-2:]
+    x_freq = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
+    mask = torch.where(low_frequency_rect(h, w, threshold, x.device), s.to(x.device), torch.ones((), device=x.device))
+    x_freq = torch.fft.ifftshift(x_freq * mask, dim=(-2, -1))
+    return torch.fft.ifftn(x_freq, dim=(-2, -1)).real.to(x.dtype)
