@@ -1,0 +1,347 @@
+"""PassContext: what every pass gets besides the graph (weights, signature edits, fake values, eval)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+import re
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+
+log = logging.getLogger("passes")
+
+aten = torch.ops.aten
+
+# Input kinds in the order torch.export lays placeholders out.
+_KIND_ORDER = [InputKind.TOKEN, InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR,
+               InputKind.CUSTOM_OBJ, InputKind.USER_INPUT]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeConfig:
+    """Options shared by all passes.
+
+    fold_buffers: treat buffers that the graph never mutates as constants (their values may be folded
+        into derived weights, e.g. FreeU's b and s buffers). False: buffers are runtime tensors, like inputs.
+    check_operators: verify each derived FreeU operator against torch.fft in float64 when it is built.
+    """
+    fold_buffers: bool = True
+    check_operators: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.fold_buffers, bool) or not isinstance(self.check_operators, bool):
+            raise TypeError("OptimizeConfig fields are booleans")
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema helpers: views and in-place writes, read from the op schema's alias annotations.
+
+def is_view_op(target: Any) -> bool:
+    """True for ops whose output may alias their first input (view, reshape, to, contiguous...)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    s = target._schema
+    return bool(s.returns) and s.returns[0].alias_info is not None and not s.returns[0].alias_info.is_write
+
+
+def mutated_arg(node: fx.Node) -> fx.Node | None:
+    """The tensor argument an in-place/out op writes to, or None."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            return v if isinstance(v, fx.Node) else None
+    return None
+
+
+def view_base(node: fx.Node) -> fx.Node:
+    """Follow view ops up to the tensor that owns the storage."""
+    while node.op == "call_function" and is_view_op(node.target) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def mutated_bases(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """base tensor node -> in-place nodes writing into it (directly or through views)."""
+    out: dict[fx.Node, list[fx.Node]] = {}
+    for n in graph.nodes:
+        m = mutated_arg(n)
+        if m is not None:
+            out.setdefault(view_base(m), []).append(n)
+    return out
+
+
+def alias_closure(node: fx.Node) -> set[fx.Node]:
+    """node plus every view derived from it (transitively)."""
+    seen, todo = {node}, [node]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen and u.op == "call_function" and is_view_op(u.target) and u.args and u.args[0] in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def is_aliased_or_mutated(node: fx.Node, bases: dict[fx.Node, list[fx.Node]]) -> bool:
+    """True if node's storage is written anywhere in the graph."""
+    return view_base(node) in bases
+
+
+def val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def op_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return str(t)
+    return getattr(t, "__name__", str(t))
+
+
+def _fqn_to_attr(name: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z_]", "_", name)
+
+
+# --------------------------------------------------------------------------------------------------
+
+class PassContext:
+    """Mutable view of an ExportedProgram while passes run: graph module, input specs and tensors.
+
+    Passes read weights through `tensor(node)`, create weights with `add_constant`/`add_parameter`,
+    create nodes with `call` (which sets meta["val"]), and evaluate weight-only subgraphs with `evaluate`.
+    """
+
+    def __init__(self, gm: fx.GraphModule, input_specs: list[InputSpec], output_specs: list,
+                 state_dict: dict[str, torch.Tensor], constants: dict[str, Any], fake_mode: Any,
+                 config: OptimizeConfig):
+        self.gm = gm
+        self.input_specs = input_specs
+        self.output_specs = output_specs
+        self.state_dict = state_dict
+        self.constants = constants
+        self.fake_mode = fake_mode
+        self.config = config
+        self.pass_name = ""
+
+    # ----- signature lookups
+    def spec(self, node: fx.Node) -> InputSpec | None:
+        if node.op != "placeholder":
+            return None
+        for s in self.input_specs:
+            if getattr(s.arg, "name", None) == node.name:
+                return s
+        return None
+
+    def fqn(self, node: fx.Node) -> str | None:
+        s = self.spec(node)
+        return s.target if s is not None else None
+
+    def mutated_buffers(self) -> set[str]:
+        return {s.target for s in self.output_specs if s.kind.name in ("BUFFER_MUTATION", "PARAMETER_MUTATION")}
+
+    def is_frozen(self, node: fx.Node) -> bool:
+        """Placeholder whose value is fixed for the program: parameter, constant or (config) buffer."""
+        s = self.spec(node)
+        if s is None or s.target in self.mutated_buffers():
+            return False
+        if s.kind in (InputKind.PARAMETER, InputKind.CONSTANT_TENSOR):
+            return True
+        return s.kind == InputKind.BUFFER and self.config.fold_buffers
+
+    def tensor(self, node: Any) -> torch.Tensor | None:
+        """The value of a parameter/buffer/constant placeholder (None for inputs or computed nodes)."""
+        if not isinstance(node, fx.Node):
+            return None
+        s = self.spec(node)
+        if s is None or s.kind == InputKind.USER_INPUT:
+            return None
+        if s.kind in (InputKind.PARAMETER, InputKind.BUFFER) and s.target in self.state_dict:
+            return self.state_dict[s.target]
+        t = self.constants.get(s.target)
+        if t is None and s.kind == InputKind.BUFFER:
+            t = self.constants.get(s.target)  # non-persistent buffers live in constants
+        return t if isinstance(t, torch.Tensor) else None
+
+    # ----- creating weights
+    def _unique_target(self, fqn: str) -> str:
+        taken = set(self.state_dict) | set(self.constants) | {s.target for s in self.input_specs}
+        out, i = fqn, 1
+        while out in taken:
+            out, i = f"{fqn}_{i}", i + 1
+        return out
+
+    def _add_input(self, kind: InputKind, fqn: str, value: torch.Tensor, persistent=None) -> fx.Node:
+        graph = self.gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        rank = _KIND_ORDER.index(kind)
+        idx = 0  # insert after the last spec whose kind sorts at or before `kind`
+        for i, s in enumerate(self.input_specs):
+            if _KIND_ORDER.index(s.kind) <= rank:
+                idx = i + 1
+        prefix = {InputKind.PARAMETER: "p_", InputKind.BUFFER: "b_"}.get(kind, "c_")
+        name = prefix + _fqn_to_attr(fqn)
+        if idx == 0:
+            ctx_mgr = graph.inserting_before(placeholders[0] if placeholders else None)
+        else:
+            ctx_mgr = graph.inserting_after(placeholders[idx - 1])
+        with ctx_mgr:
+            node = graph.placeholder(name)
+        node.meta["val"] = self.fake_mode.from_tensor(value, static_shapes=True) if self.fake_mode else value
+        arg = TensorArgument(name=node.name)
+        self.input_specs.insert(idx, InputSpec(kind=kind, arg=arg, target=fqn, persistent=persistent))
+        return node
+
+    def add_constant(self, fqn: str, value: torch.Tensor) -> fx.Node:
+        """Register `value` as a lifted constant tensor of the program and return its placeholder."""
+        fqn = self._unique_target(fqn)
+        self.constants[fqn] = value.detach().contiguous()
+        return self._add_input(InputKind.CONSTANT_TENSOR, fqn, self.constants[fqn])
+
+    def add_parameter(self, fqn: str, value: torch.Tensor) -> fx.Node:
+        """Register `value` as a new parameter (in state_dict) and return its placeholder."""
+        fqn = self._unique_target(fqn)
+        self.state_dict[fqn] = torch.nn.Parameter(value.detach().contiguous(), requires_grad=False)
+        return self._add_input(InputKind.PARAMETER, fqn, self.state_dict[fqn])
+
+    def remove_unused_inputs(self) -> int:
+        """Drop parameter/buffer/constant placeholders nothing reads, with their tensors."""
+        mutated = self.mutated_buffers()
+        removed = 0
+        for node in [n for n in self.gm.graph.nodes if n.op == "placeholder"]:
+            s = self.spec(node)
+            if node.users or s is None or s.kind in (InputKind.USER_INPUT, InputKind.TOKEN, InputKind.CUSTOM_OBJ):
+                continue
+            if s.target in mutated:
+                continue
+            self.input_specs.remove(s)
+            self.state_dict.pop(s.target, None)
+            self.constants.pop(s.target, None)
+            self.gm.graph.erase_node(node)
+            removed += 1
+        return removed
+
+    # ----- creating nodes
+    def call(self, target: Callable, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:
+        """graph.call_function at the current insert point, with meta["val"] set (and `like`'s provenance)."""
+        node = self.gm.graph.call_function(target, tuple(args), dict(kwargs or {}))
+        if like is not None:
+            for k in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "custom"):
+                if k in like.meta:
+                    node.meta[k] = like.meta[k]
+        set_fake_val(node, self.fake_mode)
+        return node
+
+    # ----- evaluation of weight-only subgraphs
+    def dependencies(self, node: fx.Node, stop: set | None = None, max_nodes: int = 200,
+                     at: fx.Node | None = None) -> set[fx.Node] | None:
+        """Nodes that `node`'s value (as read by node `at`, default node itself) depends on, including
+        in-place writes into its storage before `at` (None if more than max_nodes). `stop` nodes are leaves."""
+        stop = stop or set()
+        order = self._order()
+        at = node if at is None else at
+        bases = mutated_bases(self.gm.graph)
+        needed: set[fx.Node] = set()
+        todo = [node]
+        while todo:
+            n = todo.pop()
+            if n in needed:
+                continue
+            needed.add(n)
+            if len(needed) > max_nodes:
+                return None
+            if n in stop:
+                continue
+            todo.extend(n.all_input_nodes)
+            for w in bases.get(view_base(n), []):  # writes into n's storage before `at`
+                if order[w] < order[at] and w not in needed:
+                    todo.append(w)
+        return needed
+
+    def _order(self) -> dict[fx.Node, int]:
+        return {n: i for i, n in enumerate(self.gm.graph.nodes)}
+
+    def runtime_leaves(self, node: fx.Node, at: fx.Node | None = None) -> list[fx.Node] | None:
+        """Placeholders `node` (read at `at`) depends on that are not frozen (user inputs, mutable buffers)."""
+        deps = self.dependencies(node, at=at)
+        if deps is None:
+            return None
+        return [p for p in deps if p.op == "placeholder" and not self.is_frozen(p)]
+
+    def evaluate(self, node: fx.Node, overrides: dict[fx.Node, Any] | None = None,
+                 max_nodes: int = 200, at: fx.Node | None = None) -> torch.Tensor | None:
+        """Compute `node` from frozen tensors only (replaying in-place writes before it); None if it
+        depends on a user input, a non-frozen buffer, a random op, or more than max_nodes nodes.
+        `at`: the node reading the value (in-place writes before it count), default `node` itself."""
+        overrides = overrides or {}
+        needed = self.dependencies(node, set(overrides), max_nodes, at)
+        if needed is None:
+            return None
+        for n in needed:
+            if n in overrides:
+                continue
+            if n.op == "placeholder" and not self.is_frozen(n):
+                return None
+            if n.op not in ("placeholder", "call_function"):
+                return None
+            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+                if n.target._schema.is_mutable and mutated_arg(n) is None:
+                    return None
+                if torch.Tag.nondeterministic_seeded in n.target.tags:
+                    return None
+        order = self._order()
+        env: dict[fx.Node, Any] = {}
+        for n in sorted(needed, key=order.__getitem__):
+            if n in overrides:
+                env[n] = overrides[n]
+            elif n.op == "placeholder":
+                env[n] = self.tensor(n).detach().clone()
+            else:
+                args = fx.map_arg(n.args, env.__getitem__)
+                kwargs = fx.map_arg(n.kwargs, env.__getitem__)
+                try:
+                    env[n] = n.target(*args, **kwargs)
+                except Exception as e:  # a weight-only subgraph that does not run is not folded
+                    log.debug("evaluate %s failed: %s", n, e)
+                    return None
+        out = env[node]
+        return out if isinstance(out, torch.Tensor) else None
+
+
+def set_fake_val(node: fx.Node, fake_mode: Any) -> None:
+    """node.meta['val'] from running its op on its inputs' fake values."""
+    args = fx.map_arg(node.args, lambda n: n.meta.get("val"))
+    kwargs = fx.map_arg(node.kwargs, lambda n: n.meta.get("val"))
+    if node.target is operator.getitem:
+        node.meta["val"] = args[0][args[1]]
+        return
+    with (fake_mode if fake_mode is not None else _nullcontext()):
+        node.meta["val"] = node.target(*args, **kwargs)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def literal(x: Any, default: Any = None) -> Any:
+    """Python scalar argument or default."""
+    return x if isinstance(x, (int, float, bool)) else default
+
+
+def users_of(node: fx.Node) -> list[fx.Node]:
+    return list(node.users)
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def find(graph: fx.Graph, *targets) -> Iterable[fx.Node]:
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in targets]

@@ -1,0 +1,174 @@
+"""Pass manager: runs passes on a copy of an ExportedProgram, cleans up after each, reports counts."""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import logging
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature
+
+from ._context import OptimizeConfig, PassContext, is_view_op, mutated_arg, op_name, set_fake_val, view_base
+
+log = logging.getLogger("passes")
+
+PassFn = Callable[[fx.GraphModule, PassContext], int]
+
+
+def pass_name(p: PassFn) -> str:
+    return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__
+
+
+def op_counts(graph: fx.Graph) -> collections.Counter:
+    return collections.Counter(op_name(n) for n in graph.nodes if n.op == "call_function")
+
+
+@dataclasses.dataclass
+class PassStat:
+    name: str
+    rewrites: int
+    nodes_after: int
+    ops_after: collections.Counter
+    seconds: float
+
+
+@dataclasses.dataclass
+class PassReport:
+    """What `optimize` did: rewrites per pass, node and op counts before/after (see `table()`)."""
+    nodes_before: int
+    ops_before: collections.Counter
+    stats: list[PassStat] = dataclasses.field(default_factory=list)
+
+    @property
+    def rewrites(self) -> dict[str, int]:
+        return {s.name: s.rewrites for s in self.stats}
+
+    @property
+    def nodes_after(self) -> int:
+        return self.stats[-1].nodes_after if self.stats else self.nodes_before
+
+    @property
+    def ops_after(self) -> collections.Counter:
+        return self.stats[-1].ops_after if self.stats else self.ops_before
+
+    def __getitem__(self, name: str) -> int:
+        return self.rewrites[name]
+
+    def table(self, ops: Sequence[str] | None = None) -> str:
+        """One row per pass: rewrites, graph nodes after it, and counts of the `ops` that changed."""
+        if ops is None:
+            keys = set(self.ops_before) | set(self.ops_after)
+            ops = sorted(k for k in keys if self.ops_before.get(k, 0) != self.ops_after.get(k, 0))
+        short = [o.replace("aten.", "").replace(".default", "") for o in ops]
+        head = ["pass", "rewrites", "nodes"] + short
+        rows = [["(exported)", "", str(self.nodes_before)] + [str(self.ops_before.get(o, 0)) for o in ops]]
+        for s in self.stats:
+            rows.append([s.name, str(s.rewrites), str(s.nodes_after)] + [str(s.ops_after.get(o, 0)) for o in ops])
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# --------------------------------------------------------------------------------------------------
+
+def _copy_graph_module(ep: ExportedProgram) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict = {}
+    out = graph.graph_copy(ep.graph, env)  # node meta is copied (shallow): fake values are shared
+    graph.output(out)
+    gm = fx.GraphModule(ep.graph_module, graph)
+    gm.meta.update(ep.graph_module.meta)
+    return gm
+
+
+def remove_dead_writes(graph: fx.Graph) -> int:
+    """Erase in-place writes into temporaries that nothing reads afterwards (DCE keeps them as impure)."""
+    removed, changed = 0, True
+    while changed:
+        changed = False
+        for n in reversed(list(graph.nodes)):
+            m = mutated_arg(n)
+            if m is None or n.users:
+                continue
+            base = view_base(m)
+            if base.op != "call_function":
+                continue  # writes into inputs or buffers are program effects
+            readers = _readers(base)
+            if readers <= {n}:
+                graph.erase_node(n)
+                removed += 1
+                changed = True
+    return removed
+
+
+def _readers(base: fx.Node) -> set[fx.Node]:
+    """Non-view users of base or of any view of it."""
+    out, todo, seen = set(), [base], {base}
+    while todo:
+        x = todo.pop()
+        for u in x.users:
+            if u.op == "call_function" and is_view_op(u.target) and u.args and u.args[0] is x:
+                if u not in seen:
+                    seen.add(u)
+                    todo.append(u)
+            else:
+                out.add(u)
+    return out
+
+
+def cleanup(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Shared clean-up after every pass: dead writes and code, unused weights, vals, lint, recompile."""
+    remove_dead_writes(gm.graph)
+    gm.graph.eliminate_dead_code()
+    ctx.remove_unused_inputs()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and "val" not in n.meta:
+            set_fake_val(n, ctx.fake_mode)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _fake_mode(ep: ExportedProgram):
+    from torch._guards import detect_fake_mode
+    return detect_fake_mode([n.meta["val"] for n in ep.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
+
+
+def optimize(exported_program: ExportedProgram, passes: Sequence[PassFn] | None = None,
+             config: OptimizeConfig | None = None) -> tuple[ExportedProgram, PassReport]:
+    """Run `passes` (default: passes.DEFAULT_PASSES, in order) on a copy of `exported_program`.
+
+    Returns a new ExportedProgram (the input is not modified) and a PassReport.
+    """
+    from . import DEFAULT_PASSES
+    passes = list(DEFAULT_PASSES if passes is None else passes)
+    config = config or OptimizeConfig()
+    ep = exported_program
+    gm = _copy_graph_module(ep)
+    sig = ep.graph_signature
+    ctx = PassContext(gm, [copy.copy(s) for s in sig.input_specs], [copy.copy(s) for s in sig.output_specs],
+                      dict(ep.state_dict), dict(ep.constants), _fake_mode(ep), config)
+    report = PassReport(nodes_before=len(gm.graph.nodes), ops_before=op_counts(gm.graph))
+    for p in passes:
+        name = pass_name(p)
+        ctx.pass_name = name
+        t0 = time.perf_counter()
+        n = int(p(gm, ctx))
+        cleanup(gm, ctx)
+        report.stats.append(PassStat(name, n, len(gm.graph.nodes), op_counts(gm.graph), time.perf_counter() - t0))
+        log.info("pass %s: %d rewrite(s), %d nodes", name, n, len(gm.graph.nodes))
+    new_sig = ExportGraphSignature(input_specs=ctx.input_specs, output_specs=ctx.output_specs)
+    out = ExportedProgram(
+        root=gm, graph=gm.graph, graph_signature=new_sig, state_dict=ctx.state_dict,
+        range_constraints=copy.deepcopy(ep.range_constraints),
+        module_call_graph=copy.deepcopy(ep.module_call_graph),
+        example_inputs=ep.example_inputs, constants=ctx.constants, verifiers=ep.verifiers,
+    )
+    return out, report
