@@ -124,10 +124,28 @@ def _readers(base: fx.Node) -> set[fx.Node]:
     return out
 
 
+def eliminate_dead_code(graph: fx.Graph) -> int:
+    """Erase unused nodes without side effects. Unlike Graph.eliminate_dead_code this also drops unused
+    random ops (SDPA is tagged nondeterministic_seeded for its dropout) but keeps in-place writes."""
+    removed = 0
+    for node in reversed(list(graph.nodes)):
+        if node.op != "call_function" or node.users:
+            continue
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            if t._schema.is_mutable or t in fx.node._side_effectful_functions or mutated_arg(node) is not None:
+                continue
+        elif node.is_impure():
+            continue
+        graph.erase_node(node)
+        removed += 1
+    return removed
+
+
 def cleanup(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Shared clean-up after every pass: dead writes and code, unused weights, vals, lint, recompile."""
     remove_dead_writes(gm.graph)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     ctx.remove_unused_inputs()
     for n in gm.graph.nodes:
         if n.op == "call_function" and "val" not in n.meta:

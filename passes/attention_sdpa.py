@@ -99,9 +99,10 @@ def head_split(t3):
     return p if tuple(val(t3).shape) == (B * h, L, d) else None
 
 
-def emit_sdpa(ctx, q, k, v, mask, scale, like):
+def emit_sdpa(ctx, q, k, v, mask, scale, like, readers):
     """SDPA equal to attention on (N, L, d) tensors, lifted to (B, h, L, d) when the head split is visible.
-    Returns the node to use in place of the (N, Lq, dv) result."""
+    Returns (new node, node it replaces): `like` (the (N, Lq, dv) result) or, when its only reader is
+    batch_to_head_dim's reshape to (B, h, Lq, dv), that reshape."""
     ps = [head_split(t) for t in (q, k, v)]
     N, Lq, _ = val(q).shape
     dv = val(v).shape[-1]
@@ -117,7 +118,7 @@ def emit_sdpa(ctx, q, k, v, mask, scale, like):
                 m4 = mask
         if mask is None or m4 is not None:
             o4 = ctx.call(SDPA, (ps[0], ps[1], ps[2], m4), kw, like=like)
-            user = only_user(like)
+            user = readers[0] if len(readers) == 1 else None
             if user is not None and user.target in _RESHAPES and tuple(val(user).shape) == (B, h, Lq, dv):
                 return o4, user  # batch_to_head_dim's first reshape is the 4-D result itself
             return ctx.call(aten.reshape.default, (o4, [N, Lq, dv]), like=like), like
@@ -135,7 +136,7 @@ def attention_to_sdpa(gm: fx.GraphModule, ctx) -> int:
         if not math.isfinite(scale):
             continue
         with graph.inserting_before(out):
-            new, replaced = emit_sdpa(ctx, q, k, v, mask, scale, out)
+            new, replaced = emit_sdpa(ctx, q, k, v, mask, scale, out, list(out.users))
         replaced.replace_all_uses_with(new)
         n += 1
     log.info("attention_to_sdpa: %d hand-written attention(s) -> SDPA", n)

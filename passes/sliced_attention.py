@@ -84,9 +84,12 @@ def merge_sliced_attention(gm: fx.GraphModule, ctx) -> int:
         scale = parts[0][3]
         scale = val(q).shape[-1] ** -0.5 if scale is None else scale
         with graph.inserting_before(last.next):
-            new, replaced = emit_sdpa(ctx, q, k, v, mask, scale, last)
-        for u in readers:
-            u.replace_input_with(buf, new)
+            new, replaced = emit_sdpa(ctx, q, k, v, mask, scale, last, readers)
+        if replaced is last:
+            for u in readers:
+                u.replace_input_with(buf, new)
+        else:
+            replaced.replace_all_uses_with(new)
         for c in copies:
             graph.erase_node(c)
         n += 1
