@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 import torch.fx as fx
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature
+from torch.export.graph_signature import ExportGraphSignature, TensorArgument
 
 from ._context import OptimizeConfig, PassContext, is_view_op, mutated_arg, op_name, set_fake_val, view_base
 
@@ -79,14 +79,24 @@ class PassReport:
 
 # --------------------------------------------------------------------------------------------------
 
-def _copy_graph_module(ep: ExportedProgram) -> fx.GraphModule:
+def _copy_graph_module(ep: ExportedProgram) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Copy of the program's graph module (node meta copied shallowly: fake values are shared), and the
+    renames graph_copy made (old name -> new name)."""
     graph = fx.Graph()
     env: dict = {}
-    out = graph.graph_copy(ep.graph, env)  # node meta is copied (shallow): fake values are shared
+    out = graph.graph_copy(ep.graph, env)
     graph.output(out)
     gm = fx.GraphModule(ep.graph_module, graph)
     gm.meta.update(ep.graph_module.meta)
-    return gm
+    return gm, {old.name: new.name for old, new in env.items() if old.name != new.name}
+
+
+def _renamed(spec, renames: dict[str, str]):
+    spec = copy.copy(spec)
+    name = getattr(spec.arg, "name", None)
+    if name in renames and isinstance(spec.arg, TensorArgument):
+        spec.arg = TensorArgument(name=renames[name])
+    return spec
 
 
 def remove_dead_writes(graph: fx.Graph) -> int:
@@ -142,11 +152,21 @@ def eliminate_dead_code(graph: fx.Graph) -> int:
     return removed
 
 
+def _sync_output_specs(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Output specs name the nodes they return: follow replacements of those nodes."""
+    out = gm.graph.output_node()
+    flat = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    for spec, node in zip(ctx.output_specs, flat):
+        if isinstance(node, fx.Node) and isinstance(spec.arg, TensorArgument) and spec.arg.name != node.name:
+            spec.arg = TensorArgument(name=node.name)
+
+
 def cleanup(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Shared clean-up after every pass: dead writes and code, unused weights, vals, lint, recompile."""
     remove_dead_writes(gm.graph)
     eliminate_dead_code(gm.graph)
     ctx.remove_unused_inputs()
+    _sync_output_specs(gm, ctx)
     for n in gm.graph.nodes:
         if n.op == "call_function" and "val" not in n.meta:
             set_fake_val(n, ctx.fake_mode)
@@ -169,9 +189,9 @@ def optimize(exported_program: ExportedProgram, passes: Sequence[PassFn] | None 
     passes = list(DEFAULT_PASSES if passes is None else passes)
     config = config or OptimizeConfig()
     ep = exported_program
-    gm = _copy_graph_module(ep)
+    gm, renames = _copy_graph_module(ep)
     sig = ep.graph_signature
-    ctx = PassContext(gm, [copy.copy(s) for s in sig.input_specs], [copy.copy(s) for s in sig.output_specs],
+    ctx = PassContext(gm, [_renamed(s, renames) for s in sig.input_specs], [_renamed(s, renames) for s in sig.output_specs],
                       dict(ep.state_dict), dict(ep.constants), _fake_mode(ep), config)
     report = PassReport(nodes_before=len(gm.graph.nodes), ops_before=op_counts(gm.graph))
     for p in passes:

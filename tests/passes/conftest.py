@@ -1,0 +1,54 @@
+"""Helpers for the pass tests: export tiny modules, run passes, inspect graphs (exposed as fixtures)."""
+import pytest
+import torch
+
+import passes
+
+
+class Graphs:
+    """Small utilities shared by the pass tests."""
+
+    @staticmethod
+    def export(module, *args, **kwargs):
+        return torch.export.export(module.eval(), args, kwargs, strict=False)
+
+    @staticmethod
+    def ops(ep):
+        return passes.op_counts(ep.graph)
+
+    @staticmethod
+    def count(ep, *names):
+        ops = passes.op_counts(ep.graph)
+        return sum(v for k, v in ops.items() if any(n in k for n in names))
+
+    @staticmethod
+    def complex_or_fft(ep):
+        """Names of nodes that are FFTs or carry a complex value."""
+        bad = []
+        for n in ep.graph.nodes:
+            v = n.meta.get("val")
+            if "fft" in str(n.target) or (isinstance(v, torch.Tensor) and v.is_complex()):
+                bad.append(n.name)
+        return bad
+
+    @staticmethod
+    def run(ep, *args, **kwargs):
+        with torch.no_grad():
+            out = ep.module()(*args, **kwargs)
+        return out
+
+    @staticmethod
+    def check_close(got, ref, rel=1e-5):
+        """max |got - ref| <= rel * max(1, max |ref|): the tolerance every equivalence test states."""
+        scale = max(1.0, ref.abs().max().item())
+        err = (got - ref).abs().max().item()
+        assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} * {scale:.3g}"
+
+    @staticmethod
+    def optimize(ep, *pass_list, config=None):
+        return passes.optimize(ep, list(pass_list) if pass_list else None, config)
+
+
+@pytest.fixture
+def g():
+    return Graphs
