@@ -24,8 +24,9 @@ _KIND_ORDER = [InputKind.TOKEN, InputKind.PARAMETER, InputKind.BUFFER, InputKind
 class OptimizeConfig:
     """Options shared by all passes.
 
-    fold_buffers: treat buffers that the graph never mutates as constants (their values may be folded
-        into derived weights, e.g. FreeU's b and s buffers). False: buffers are runtime tensors, like inputs.
+    fold_buffers: treat persistent buffers that the graph never mutates as constants (their values may be
+        folded into derived weights, e.g. FreeU's b and s buffers). False: they are runtime tensors, like
+        inputs. Non-persistent buffers (not in the state dict) are always constants.
     check_operators: verify each derived FreeU operator against torch.fft in float64 when it is built.
     """
     fold_buffers: bool = True
@@ -150,7 +151,7 @@ class PassContext:
             return False
         if s.kind in (InputKind.PARAMETER, InputKind.CONSTANT_TENSOR):
             return True
-        return s.kind == InputKind.BUFFER and self.config.fold_buffers
+        return s.kind == InputKind.BUFFER and (self.config.fold_buffers or s.persistent is False)
 
     def tensor(self, node: Any) -> torch.Tensor | None:
         """The value of a parameter/buffer/constant placeholder (None for inputs or computed nodes)."""

@@ -46,6 +46,8 @@ def _match(fft: fx.Node):
     if mul is None or mul.target is not aten.mul.Tensor:
         return None
     mask = mul.args[1] if mul.args[0] is sh else mul.args[0]
+    if not isinstance(mask, fx.Node):
+        return None
     ish = only_user(mul)
     if ish is None or ish.target is not aten.fft_ifftshift.default or _dims(ish, 1, ndim, None) != (ndim - 2, ndim - 1):
         return None
