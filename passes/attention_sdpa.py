@@ -83,7 +83,9 @@ def match_attention(out: fx.Node):
     qv, kv, vv = val(q), val(k), val(v)
     if not (qv.dtype == kv.dtype == vv.dtype == val(out).dtype) or qv.dim() != 3:
         return None
-    if mask is not None and val(mask).dtype not in (qv.dtype, torch.bool):
+    if mask is not None and val(mask).dtype != qv.dtype and val(_strip_casts(mask)).dtype == qv.dtype:
+        mask = _strip_casts(mask)  # the mask was upcast along with q and k
+    if mask is not None and val(mask).dtype != qv.dtype:
         return None
     return q, k, v, mask, scale
 
