@@ -12,7 +12,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .processors import AttnAddedKVProcessor2_0, AttnProcessor2_0
+from .processors import (AttnAddedKVProcessor2_0, AttnProcessor2_0, SlicedAttnAddedKVProcessor,
+                         SlicedAttnProcessor)
+
+
+def _linear_many(x: torch.Tensor, *layers: nn.Linear) -> tuple:
+    """`tuple(layer(x) for layer in layers)` as ONE matmul over the concatenated weights.
+
+    The weights are concatenated on every call from the layers' own parameters, so the parameters
+    stay the single source of truth: `state_dict()` keys and values are the same fused or not, and
+    loading new weights (or LoRA) never leaves a stale fused copy behind. In an exported graph the
+    concatenation is an op on constants that constant folding (freezing) removes. Layers that are not
+    plain `nn.Linear` (e.g. wrapped by an adapter) are applied one by one.
+    """
+    if any(type(layer) is not nn.Linear for layer in layers):
+        return tuple(layer(x) for layer in layers)
+    weight = torch.cat([layer.weight for layer in layers], dim=0)
+    biases = [layer.bias for layer in layers]
+    bias = None if any(b is None for b in biases) else torch.cat(biases, dim=0)
+    if bias is None and any(b is not None for b in biases):
+        return tuple(layer(x) for layer in layers)
+    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
 
 
 class Attention(nn.Module):
@@ -87,6 +107,42 @@ class Attention(nn.Module):
 
     def get_processor(self):
         return self.processor
+
+    def set_attention_slice(self, slice_size: Optional[int]) -> None:
+        """Sliced attention over `slice_size` rows of (batch x heads); None: back to the default processor."""
+        if slice_size is not None and slice_size > self.sliceable_head_dim:
+            raise ValueError(f"slice_size {slice_size} has to be smaller or equal to {self.sliceable_head_dim}.")
+        if slice_size is None:
+            processor = AttnAddedKVProcessor2_0() if self.added_kv_proj_dim is not None else AttnProcessor2_0()
+        elif self.added_kv_proj_dim is not None:
+            processor = SlicedAttnAddedKVProcessor(slice_size)
+        else:
+            processor = SlicedAttnProcessor(slice_size)
+        self.set_processor(processor)
+
+    # -- QKV fusion: a flag read by the processors, parameters untouched ----------------------------
+    def fuse_projections(self) -> None:
+        """Project Q,K,V (self-attention), K,V (cross-attention) and added K,V each with one matmul."""
+        self.fused_projections = True
+
+    def unfuse_projections(self) -> None:
+        self.fused_projections = False
+
+    def project_qkv(self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None):
+        """(query, key, value) through to_q/to_k/to_v; keys/values from `encoder_hidden_states` when given."""
+        if encoder_hidden_states is None:
+            if self.fused_projections:
+                return _linear_many(hidden_states, self.to_q, self.to_k, self.to_v)
+            return self.to_q(hidden_states), self.to_k(hidden_states), self.to_v(hidden_states)
+        if self.fused_projections:
+            return (self.to_q(hidden_states), *_linear_many(encoder_hidden_states, self.to_k, self.to_v))
+        return self.to_q(hidden_states), self.to_k(encoder_hidden_states), self.to_v(encoder_hidden_states)
+
+    def project_added_kv(self, encoder_hidden_states: torch.Tensor):
+        """(key, value) of the encoder tokens through add_k_proj/add_v_proj."""
+        if self.fused_projections:
+            return _linear_many(encoder_hidden_states, self.add_k_proj, self.add_v_proj)
+        return self.add_k_proj(encoder_hidden_states), self.add_v_proj(encoder_hidden_states)
 
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs) -> torch.Tensor:
         return self.processor(

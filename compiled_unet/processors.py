@@ -1,10 +1,23 @@
 """Attention processors: how an `Attention` layer computes its output.
 
 Same call signature as diffusers' processors: `(attn, hidden_states, encoder_hidden_states=None,
-attention_mask=None, temb=None, **kwargs)`. The defaults use `F.scaled_dot_product_attention` with
-the mask broadcast over heads (diffusers repeats it per head; the numbers are the same).
+attention_mask=None, temb=None, **kwargs)`, so diffusers' own processors and user-written ones can be set
+on our layers, and ours on theirs. Every processor here projects through `attn.project_qkv` /
+`attn.project_added_kv`, which use one matmul when the layer's projections are fused
+(`Attention.fuse_projections`).
+
+- `AttnProcessor2_0`, `AttnAddedKVProcessor2_0` (defaults): `F.scaled_dot_product_attention` with the
+  mask broadcast over heads (diffusers repeats it per head; the numbers are the same).
+- `AttnProcessor`, `AttnAddedKVProcessor`: diffusers' explicit math (baddbmm -> softmax -> bmm, with the
+  layer's upcast rules through `attn.get_attention_scores`).
+- `SlicedAttnProcessor(n)`, `SlicedAttnAddedKVProcessor(n)`: the same math over `n` rows of
+  (batch x heads) at a time, so only one slice of attention scores is alive at once. The number of
+  slices depends only on shapes, so the loop unrolls into a fixed graph; slices are joined by `cat`
+  (diffusers writes them into a zeros buffer in place; the numbers are the same).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +35,106 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, heads * d)
 
 
+def _bmm_attention(attn, query, key, value, attention_mask, slice_size: Optional[int]) -> torch.Tensor:
+    """diffusers' explicit attention over [B*heads, N, d] tensors, `slice_size` rows at a time (None: all)."""
+    rows = query.shape[0]
+    step = rows if slice_size is None else slice_size
+    outs = []
+    for start in range(0, rows, step):  # static: the row count is a shape
+        end = min(start + step, rows)
+        mask = None if attention_mask is None else attention_mask[start:end]
+        probs = attn.get_attention_scores(query[start:end], key[start:end], mask)
+        outs.append(torch.bmm(probs, value[start:end]))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+class _ExplicitAttn:
+    """Self/cross attention with diffusers' explicit math (AttnProcessor / SlicedAttnProcessor)."""
+
+    slice_size: Optional[int] = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, seq = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[:2]
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is not None and attn.norm_cross is not None:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query, key, value = attn.project_qkv(hidden_states, encoder_hidden_states)
+        out = _bmm_attention(attn, attn.head_to_batch_dim(query), attn.head_to_batch_dim(key),
+                             attn.head_to_batch_dim(value), attention_mask, self.slice_size)
+        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(out)))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class AttnProcessor(_ExplicitAttn):
+    """diffusers' `AttnProcessor`: explicit baddbmm/softmax/bmm attention."""
+
+
+class SlicedAttnProcessor(_ExplicitAttn):
+    """diffusers' `SlicedAttnProcessor`: explicit attention, `slice_size` rows of (batch x heads) at a time."""
+
+    def __init__(self, slice_size: int):
+        if not isinstance(slice_size, int) or slice_size < 1:
+            raise ValueError(f"slice_size must be a positive int, got {slice_size!r}")
+        self.slice_size = slice_size
+
+
+class _ExplicitAddedKVAttn:
+    """Added-KV attention with diffusers' explicit math (AttnAddedKVProcessor / SlicedAttnAddedKVProcessor)."""
+
+    slice_size: Optional[int] = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        hidden_states = hidden_states.view(hidden_states.shape[0], hidden_states.shape[1], -1).transpose(1, 2)
+        batch, seq = hidden_states.shape[:2]
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross is not None:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query, key, value = _added_kv_projections(attn, hidden_states, encoder_hidden_states)
+        to_batch = attn.head_to_batch_dim
+        key = torch.cat([to_batch(k) for k in key], dim=1)
+        value = torch.cat([to_batch(v) for v in value], dim=1)
+        out = _bmm_attention(attn, to_batch(query), key, value, attention_mask, self.slice_size)
+        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(out)))
+        return out.transpose(-1, -2).reshape(residual.shape) + residual
+
+
+class AttnAddedKVProcessor(_ExplicitAddedKVAttn):
+    """diffusers' `AttnAddedKVProcessor`: keys/values = [projected encoder tokens, pixel tokens], explicit math."""
+
+
+class SlicedAttnAddedKVProcessor(_ExplicitAddedKVAttn):
+    """diffusers' `SlicedAttnAddedKVProcessor`: added-KV attention, `slice_size` rows of (batch x heads) at a time."""
+
+    def __init__(self, slice_size: int):
+        if not isinstance(slice_size, int) or slice_size < 1:
+            raise ValueError(f"slice_size must be a positive int, got {slice_size!r}")
+        self.slice_size = slice_size
+
+
+def _added_kv_projections(attn, hidden_states, encoder_hidden_states):
+    """query, [keys], [values]: encoder keys/values first, then pixel ones unless the layer is cross-only."""
+    enc_key, enc_value = attn.project_added_kv(encoder_hidden_states)
+    if attn.only_cross_attention:
+        return attn.to_q(hidden_states), [enc_key], [enc_value]
+    query, key, value = attn.project_qkv(hidden_states)
+    return query, [enc_key, key], [enc_value, value]
+
+
 class AttnProcessor2_0:
     """Scaled dot-product attention (self or cross), diffusers' default processor."""
 
@@ -35,11 +148,9 @@ class AttnProcessor2_0:
         mask = attn.broadcast_attention_mask(attention_mask, context.shape[1], context.shape[1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if encoder_hidden_states is None:
-            context = hidden_states
-        elif attn.norm_cross is not None:
-            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if encoder_hidden_states is not None and attn.norm_cross is not None:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query, key, value = attn.project_qkv(hidden_states, encoder_hidden_states)
         out = F.scaled_dot_product_attention(
             _split_heads(query, attn.heads), _split_heads(key, attn.heads), _split_heads(value, attn.heads),
             attn_mask=mask, dropout_p=0.0, is_causal=False,
@@ -67,12 +178,10 @@ class AttnAddedKVProcessor2_0:
         n_keys = encoder_hidden_states.shape[1] + (0 if attn.only_cross_attention else n)
         mask = attn.broadcast_attention_mask(attention_mask, n, n_keys)
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = _split_heads(attn.to_q(hidden_states), attn.heads)
-        key = _split_heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
-        value = _split_heads(attn.add_v_proj(encoder_hidden_states), attn.heads)
-        if not attn.only_cross_attention:
-            key = torch.cat([key, _split_heads(attn.to_k(hidden_states), attn.heads)], dim=2)
-            value = torch.cat([value, _split_heads(attn.to_v(hidden_states), attn.heads)], dim=2)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        query, key, value = _added_kv_projections(attn, hidden_states, encoder_hidden_states)
+        key = torch.cat([_split_heads(k, attn.heads) for k in key], dim=2)
+        value = torch.cat([_split_heads(v, attn.heads) for v in value], dim=2)
+        out = F.scaled_dot_product_attention(_split_heads(query, attn.heads), key, value, attn_mask=mask,
+                                             dropout_p=0.0, is_causal=False)
         out = attn.to_out[1](attn.to_out[0](_merge_heads(out)))
         return out.transpose(-1, -2).reshape(residual.shape) + residual

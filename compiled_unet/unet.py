@@ -350,6 +350,51 @@ class UNet2DConditionModel(nn.Module):
             if isinstance(m, Attention):
                 m.set_processor(AttnAddedKVProcessor2_0() if m.added_kv_proj_dim is not None else AttnProcessor2_0())
 
+    def set_attention_slice(self, slice_size: Union[str, int, list] = "auto") -> None:
+        """Sliced attention: "auto" (half the heads), "max" (one head at a time), an int, or one entry per layer.
+
+        Layers are the attention layers in module order, as diffusers counts them; a list entry of None
+        puts that layer back on its default processor. Same validation and messages as diffusers, plus:
+        "auto" on a one-head layer gives 1 (diffusers gives 0 and divides by zero at the first call).
+        """
+        layers = [m for m in self.modules() if isinstance(m, Attention)]
+        dims = [m.sliceable_head_dim for m in layers]
+        if slice_size == "auto":
+            slice_size = [max(1, dim // 2) for dim in dims]
+        elif slice_size == "max":
+            slice_size = len(dims) * [1]
+        slice_size = len(dims) * [slice_size] if not isinstance(slice_size, list) else slice_size
+        if len(slice_size) != len(dims):
+            raise ValueError(
+                f"You have provided {len(slice_size)}, but {self.config} has {len(dims)} different"
+                f" attention layers. Make sure to match `len(slice_size)` to be {len(dims)}."
+            )
+        for size, dim in zip(slice_size, dims):
+            if size is not None and size > dim:
+                raise ValueError(f"size {size} has to be smaller or equal to {dim}.")
+            if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+                raise ValueError(f"slice size must be a positive int, \"auto\", \"max\" or None; got {size!r}")
+        for layer, size in zip(layers, slice_size):
+            layer.set_attention_slice(size)
+
+    def fuse_qkv_projections(self) -> None:
+        """One matmul for Q,K,V of self-attention, K,V of cross-attention and the added K,V projections.
+
+        Unlike diffusers, no modules are swapped and no `to_qkv` weights are created: each layer's
+        to_q/to_k/to_v (add_k_proj/add_v_proj) parameters stay the source of truth and its processor
+        concatenates them into one projection per call. So `state_dict()` is identical fused or not,
+        processors (ours, diffusers', user-written) can be set before or after, and added-KV layers fuse too.
+        """
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fuse_projections()
+
+    def unfuse_qkv_projections(self) -> None:
+        """Back to one matmul per projection (the weights never changed)."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.unfuse_projections()
+
     # -- FreeU --------------------------------------------------------------------------------------
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """FreeU on the first two up blocks: b scales half the backbone channels, s the skip's low frequencies."""
