@@ -13,7 +13,14 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 def _per_head(mask):
-    """mask == view(repeat_interleave(m, h, dim=0), (B, h, Lq, L)) -> m (B, Lq, L), else None."""
+    """mask == view(repeat_interleave(m, h, dim=0), (B, h, Lq, L)) -> m (B, Lq, L) (to unsqueeze), or
+    mask == repeat_interleave(m4, h, dim=1) with m4 (B, 1, Lq, L) -> m4 (already broadcastable); else None."""
+    if isinstance(mask, fx.Node) and mask.target is aten.repeat_interleave.self_int:
+        m4 = mask.args[0]
+        dim = mask.args[2] if len(mask.args) > 2 else mask.kwargs.get("dim")
+        if val(m4).dim() == 4 and dim is not None and dim % 4 == 1 and val(m4).shape[1] == 1:
+            return m4
+        return None
     if not isinstance(mask, fx.Node) or mask.target not in _VIEWS:
         return None
     rep = mask.args[0]
@@ -40,8 +47,11 @@ def broadcast_attention_mask(gm: fx.GraphModule, ctx) -> int:
         if m is None:
             continue
         if m not in cache:
-            with graph.inserting_after(m):
-                cache[m] = ctx.call(aten.unsqueeze.default, (m, 1), like=mask)
+            if val(m).dim() == 4:
+                cache[m] = m
+            else:
+                with graph.inserting_after(m):
+                    cache[m] = ctx.call(aten.unsqueeze.default, (m, 1), like=mask)
         if pos:
             sdpa.update_arg(3, cache[m])
         else:

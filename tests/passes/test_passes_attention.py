@@ -123,18 +123,31 @@ def test_attention_negative(g, cls):
         g.check_close(got, ref)
 
 
-class MaskPerQuery(Attn):
-    def forward(self, x, mask):       # repeated along dim 1, not per head: must not be touched
+class HeadsMajorMask(Attn):
+    def forward(self, x, mask):       # per-head copy viewed heads-major (h, B, ...): not a broadcast over heads
         B, L, D = x.shape
         q4, k4, v4 = (t(x).view(B, -1, self.heads, D // self.heads).transpose(1, 2) for t in (self.to_q, self.to_k, self.to_v))
-        m = mask.unsqueeze(1).repeat_interleave(self.heads, dim=1).view(B, self.heads, 1, L)
+        m = mask.unsqueeze(1).repeat_interleave(self.heads, dim=0).view(self.heads, B, 1, L).transpose(0, 1)
         return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=m)
 
 
-def test_mask_negative(g):
-    x, mask = torch.randn(2, 6, 8), torch.randn(2, 6)
-    ep2, rep = g.optimize(g.export(MaskPerQuery(), x, mask), *ATTN)
+class Out4Mask(Attn):
+    def forward(self, x, mask):       # diffusers' prepare_attention_mask(out_dim=4): repeat over dim 1
+        B, L, D = x.shape
+        q4, k4, v4 = (t(x).view(B, -1, self.heads, D // self.heads).transpose(1, 2) for t in (self.to_q, self.to_k, self.to_v))
+        m = mask.unsqueeze(1).unsqueeze(1).repeat_interleave(self.heads, dim=1)
+        return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=m)
+
+
+def test_mask_negative_and_out_dim_4(g):
+    x, mask = torch.randn(3, 6, 8), torch.randn(3, 6)
+    ep = g.export(HeadsMajorMask(), x, mask)
+    ep2, rep = g.optimize(ep, *ATTN)
     assert rep["broadcast_attention_mask"] == 0 and g.count(ep2, "repeat_interleave") == 1
+    ep = g.export(Out4Mask(), x, mask)
+    ep2, rep = g.optimize(ep, *ATTN)
+    assert rep["broadcast_attention_mask"] == 1 and g.count(ep2, "repeat_interleave") == 0
+    assert torch.equal(g.run(ep2, x, mask), g.run(ep, x, mask))
 
 
 def test_slice_attention_reverse(g):
