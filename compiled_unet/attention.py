@@ -335,12 +335,8 @@ class Transformer2DModel(nn.Module):
         inner_dim = num_attention_heads * attention_head_dim
         self.in_channels, self.use_linear_projection = in_channels, use_linear_projection
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6, affine=True)
-        if use_linear_projection:
-            self.proj_in = nn.Linear(in_channels, inner_dim)
-            self.proj_out = nn.Linear(inner_dim, in_channels)
-        else:
-            self.proj_in = nn.Conv2d(in_channels, inner_dim, 1)
-            self.proj_out = nn.Conv2d(inner_dim, in_channels, 1)
+        linear = use_linear_projection
+        self.proj_in = nn.Linear(in_channels, inner_dim) if linear else nn.Conv2d(in_channels, inner_dim, 1)
         self.transformer_blocks = nn.ModuleList([
             BasicTransformerBlock(
                 inner_dim, num_attention_heads, attention_head_dim, dropout=dropout,
@@ -349,6 +345,7 @@ class Transformer2DModel(nn.Module):
             )
             for _ in range(num_layers)
         ])
+        self.proj_out = nn.Linear(inner_dim, in_channels) if linear else nn.Conv2d(inner_dim, in_channels, 1)
 
     def forward(
         self, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,

@@ -71,6 +71,13 @@ def _transformer(a: BlockArgs, channels: int, layers) -> nn.Module:
     )
 
 
+def _attentions_first(block: nn.Module) -> None:
+    """Register `attentions` before `resnets`, as diffusers does, so state_dict key order matches too."""
+    if "attentions" in block._modules:
+        block._modules = {"attentions": block._modules["attentions"],
+                          **{k: v for k, v in block._modules.items() if k != "attentions"}}
+
+
 def _per_layer(value, n: int) -> list:
     return [value] * n if isinstance(value, int) else list(value)
 
@@ -176,6 +183,7 @@ class CrossAttnDownBlock2D(DownBlock2D):
         super().__init__(a)
         layers = _per_layer(a.transformer_layers_per_block, a.num_layers)
         self.attentions = nn.ModuleList([_transformer(a, a.out_channels, layers[i]) for i in range(a.num_layers)])
+        _attentions_first(self)
 
 
 class AttnDownBlock2D(_DownBlock):
@@ -187,6 +195,7 @@ class AttnDownBlock2D(_DownBlock):
         self.attentions = nn.ModuleList(
             [_spatial_attention(a, a.out_channels, a.resnet_groups) for _ in range(a.num_layers)]
         )
+        _attentions_first(self)
         self.downsamplers = nn.ModuleList(
             [Downsample2D(a.out_channels, use_conv=True, out_channels=a.out_channels, padding=a.downsample_padding)]
         ) if a.add_sample else None
@@ -212,6 +221,7 @@ class SimpleCrossAttnDownBlock2D(ResnetDownsampleBlock2D):
         self.attentions = nn.ModuleList(
             [_added_kv_attention(a, a.out_channels, a.only_cross_attention) for _ in range(a.num_layers)]
         )
+        _attentions_first(self)
 
 
 class KDownBlock2D(_DownBlock):
@@ -274,6 +284,7 @@ class SkipDownBlock2D(nn.Module):
             self.skip_conv = nn.Conv2d(3, a.out_channels, kernel_size=(1, 1), stride=(1, 1))
         else:
             self.resnet_down = self.downsamplers = self.skip_conv = None
+        _attentions_first(self)
 
     def forward(self, hidden_states, temb, skip_sample):
         output_states = ()
@@ -330,6 +341,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         for i in range(num_layers):
             self.attentions.append(_transformer(_replace(a, only_cross_attention=False), a.in_channels, layers[i]))
             self.resnets.append(_resnet(a, a.in_channels, a.in_channels, **res))
+        _attentions_first(self)
 
     def forward(self, hidden_states, temb, ctx: Conditioning = NO_CONDITIONING):
         hidden_states = self.resnets[0](hidden_states, temb)
@@ -351,6 +363,7 @@ class UNetMidBlock2DSimpleCrossAttn(nn.Module):
         for _ in range(num_layers):
             self.attentions.append(_added_kv_attention(a, a.in_channels, a.only_cross_attention))
             self.resnets.append(_resnet(a, a.in_channels, a.in_channels, **res))
+        _attentions_first(self)
 
     forward = UNetMidBlock2DCrossAttn.forward
 
@@ -424,6 +437,7 @@ class CrossAttnUpBlock2D(UpBlock2D):
         super().__init__(a)
         layers = _per_layer(a.transformer_layers_per_block, a.num_layers)
         self.attentions = nn.ModuleList([_transformer(a, a.out_channels, layers[i]) for i in range(a.num_layers)])
+        _attentions_first(self)
 
 
 class AttnUpBlock2D(_UpBlock):
@@ -434,6 +448,7 @@ class AttnUpBlock2D(_UpBlock):
         self.attentions = nn.ModuleList(
             [_spatial_attention(a, a.out_channels, a.resnet_groups) for _ in range(a.num_layers)]
         )
+        _attentions_first(self)
         self.upsamplers = nn.ModuleList(
             [Upsample2D(a.out_channels, use_conv=True, out_channels=a.out_channels)]
         ) if a.add_sample else None
@@ -460,6 +475,7 @@ class SimpleCrossAttnUpBlock2D(ResnetUpsampleBlock2D):
         self.attentions = nn.ModuleList(
             [_added_kv_attention(a, a.out_channels, a.only_cross_attention) for _ in range(a.num_layers)]
         )
+        _attentions_first(self)
 
 
 class KUpBlock2D(nn.Module):
@@ -557,6 +573,7 @@ class SkipUpBlock2D(nn.Module):
             self.act = nn.SiLU()
         else:
             self.resnet_up = self.skip_conv = self.skip_norm = self.act = None
+        _attentions_first(self)
 
     def forward(self, hidden_states, res_hidden_states_tuple, temb, skip_sample=None):
         for resnet in self.resnets:

@@ -72,6 +72,7 @@ class UNet2DConditionModel(nn.Module):
                       resnet_out_scale_factor=c.resnet_out_scale_factor,
                       cross_attention_norm=c.cross_attention_norm, dropout=c.dropout)
         self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()  # registered before mid_block: diffusers' state_dict key order
         output_channel = c.block_out_channels[0]
         for i, block_type in enumerate(c.down_block_types):
             input_channel, output_channel = output_channel, c.block_out_channels[i]
@@ -96,7 +97,6 @@ class UNet2DConditionModel(nn.Module):
 
         self.num_upsamplers = 0
         reversed_channels = list(reversed(c.block_out_channels))
-        self.up_blocks = nn.ModuleList()
         output_channel = reversed_channels[0]
         for i, block_type in enumerate(c.up_block_types):
             is_final = i == n - 1
