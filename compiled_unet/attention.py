@@ -13,26 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .processors import (AttnAddedKVProcessor2_0, AttnProcessor2_0, SlicedAttnAddedKVProcessor,
-                         SlicedAttnProcessor)
-
-
-def _linear_many(x: torch.Tensor, *layers: nn.Linear) -> tuple:
-    """`tuple(layer(x) for layer in layers)` as ONE matmul over the concatenated weights.
-
-    The weights are concatenated on every call from the layers' own parameters, so the parameters
-    stay the single source of truth: `state_dict()` keys and values are the same fused or not, and
-    loading new weights (or LoRA) never leaves a stale fused copy behind. In an exported graph the
-    concatenation is an op on constants that constant folding (freezing) removes. Layers that are not
-    plain `nn.Linear` (e.g. wrapped by an adapter) are applied one by one.
-    """
-    if any(type(layer) is not nn.Linear for layer in layers):
-        return tuple(layer(x) for layer in layers)
-    weight = torch.cat([layer.weight for layer in layers], dim=0)
-    biases = [layer.bias for layer in layers]
-    bias = None if any(b is None for b in biases) else torch.cat(biases, dim=0)
-    if bias is None and any(b is not None for b in biases):
-        return tuple(layer(x) for layer in layers)
-    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+                         SlicedAttnProcessor, project_added_kv, project_qkv)
 
 
 class Attention(nn.Module):
@@ -130,19 +111,11 @@ class Attention(nn.Module):
 
     def project_qkv(self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None):
         """(query, key, value) through to_q/to_k/to_v; keys/values from `encoder_hidden_states` when given."""
-        if encoder_hidden_states is None:
-            if self.fused_projections:
-                return _linear_many(hidden_states, self.to_q, self.to_k, self.to_v)
-            return self.to_q(hidden_states), self.to_k(hidden_states), self.to_v(hidden_states)
-        if self.fused_projections:
-            return (self.to_q(hidden_states), *_linear_many(encoder_hidden_states, self.to_k, self.to_v))
-        return self.to_q(hidden_states), self.to_k(encoder_hidden_states), self.to_v(encoder_hidden_states)
+        return project_qkv(self, hidden_states, encoder_hidden_states)
 
     def project_added_kv(self, encoder_hidden_states: torch.Tensor):
         """(key, value) of the encoder tokens through add_k_proj/add_v_proj."""
-        if self.fused_projections:
-            return _linear_many(encoder_hidden_states, self.add_k_proj, self.add_v_proj)
-        return self.add_k_proj(encoder_hidden_states), self.add_v_proj(encoder_hidden_states)
+        return project_added_kv(self, encoder_hidden_states)
 
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs) -> torch.Tensor:
         return self.processor(

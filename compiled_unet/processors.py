@@ -2,8 +2,8 @@
 
 Same call signature as diffusers' processors: `(attn, hidden_states, encoder_hidden_states=None,
 attention_mask=None, temb=None, **kwargs)`, so diffusers' own processors and user-written ones can be set
-on our layers, and ours on theirs. Every processor here projects through `attn.project_qkv` /
-`attn.project_added_kv`, which use one matmul when the layer's projections are fused
+on our layers, and ours on theirs. Every processor here projects through `project_qkv` /
+`project_added_kv`, which use one matmul when the layer's projections are fused
 (`Attention.fuse_projections`).
 
 - `AttnProcessor2_0`, `AttnAddedKVProcessor2_0` (defaults): `F.scaled_dot_product_attention` with the
@@ -35,6 +35,47 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, heads * d)
 
 
+def _linear_many(x: torch.Tensor, *layers: torch.nn.Linear) -> tuple:
+    """`tuple(layer(x) for layer in layers)` as ONE matmul over the concatenated weights.
+
+    The weights are concatenated on every call from the layers' own parameters, so the parameters
+    stay the single source of truth: `state_dict()` keys and values are the same fused or not, and
+    loading new weights (or LoRA) never leaves a stale fused copy behind. In an exported graph the
+    concatenation is an op on constants that constant folding (freezing) removes. Layers that are not
+    plain `torch.nn.Linear` (e.g. wrapped by an adapter) are applied one by one.
+    """
+    if any(type(layer) is not torch.nn.Linear for layer in layers):
+        return tuple(layer(x) for layer in layers)
+    weight = torch.cat([layer.weight for layer in layers], dim=0)
+    biases = [layer.bias for layer in layers]
+    bias = None if any(b is None for b in biases) else torch.cat(biases, dim=0)
+    if bias is None and any(b is not None for b in biases):
+        return tuple(layer(x) for layer in layers)
+    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+
+
+def project_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None):
+    """(query, key, value) through attn.to_q/to_k/to_v, one matmul per input when `attn.fused_projections`.
+
+    Works on diffusers' `Attention` too (its fused flag is honoured through its own to_q/to_k/to_v).
+    """
+    fused = getattr(attn, "fused_projections", False)
+    if encoder_hidden_states is None:
+        if fused:
+            return _linear_many(hidden_states, attn.to_q, attn.to_k, attn.to_v)
+        return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    if fused:
+        return (attn.to_q(hidden_states), *_linear_many(encoder_hidden_states, attn.to_k, attn.to_v))
+    return attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+
+
+def project_added_kv(attn, encoder_hidden_states: torch.Tensor):
+    """(key, value) of the encoder tokens through attn.add_k_proj/add_v_proj (one matmul when fused)."""
+    if getattr(attn, "fused_projections", False):
+        return _linear_many(encoder_hidden_states, attn.add_k_proj, attn.add_v_proj)
+    return attn.add_k_proj(encoder_hidden_states), attn.add_v_proj(encoder_hidden_states)
+
+
 def _bmm_attention(attn, query, key, value, attention_mask, slice_size: Optional[int]) -> torch.Tensor:
     """diffusers' explicit attention over [B*heads, N, d] tensors, `slice_size` rows at a time (None: all)."""
     rows = query.shape[0]
@@ -43,8 +84,8 @@ def _bmm_attention(attn, query, key, value, attention_mask, slice_size: Optional
     for start in range(0, rows, step):  # static: the row count is a shape
         end = min(start + step, rows)
         mask = None if attention_mask is None else attention_mask[start:end]
-        probs = attn.get_attention_scores(query[start:end], key[start:end], mask)
-        outs.append(torch.bmm(probs, value[start:end]))
+        # One expression: this slice's probabilities are freed before the next slice's are computed.
+        outs.append(torch.bmm(attn.get_attention_scores(query[start:end], key[start:end], mask), value[start:end]))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
@@ -65,7 +106,7 @@ class _ExplicitAttn:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         if encoder_hidden_states is not None and attn.norm_cross is not None:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query, key, value = attn.project_qkv(hidden_states, encoder_hidden_states)
+        query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
         out = _bmm_attention(attn, attn.head_to_batch_dim(query), attn.head_to_batch_dim(key),
                              attn.head_to_batch_dim(value), attention_mask, self.slice_size)
         out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(out)))
@@ -128,10 +169,10 @@ class SlicedAttnAddedKVProcessor(_ExplicitAddedKVAttn):
 
 def _added_kv_projections(attn, hidden_states, encoder_hidden_states):
     """query, [keys], [values]: encoder keys/values first, then pixel ones unless the layer is cross-only."""
-    enc_key, enc_value = attn.project_added_kv(encoder_hidden_states)
+    enc_key, enc_value = project_added_kv(attn, encoder_hidden_states)
     if attn.only_cross_attention:
         return attn.to_q(hidden_states), [enc_key], [enc_value]
-    query, key, value = attn.project_qkv(hidden_states)
+    query, key, value = project_qkv(attn, hidden_states)
     return query, [enc_key, key], [enc_value, value]
 
 
@@ -150,7 +191,7 @@ class AttnProcessor2_0:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         if encoder_hidden_states is not None and attn.norm_cross is not None:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query, key, value = attn.project_qkv(hidden_states, encoder_hidden_states)
+        query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
         out = F.scaled_dot_product_attention(
             _split_heads(query, attn.heads), _split_heads(key, attn.heads), _split_heads(value, attn.heads),
             attn_mask=mask, dropout_p=0.0, is_causal=False,
