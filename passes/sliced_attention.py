@@ -2,7 +2,7 @@
 
 `merge_sliced_attention` (default): diffusers' SlicedAttnProcessor writes attention of head slices into a
 zeros buffer (`out[s:e] = attn(q[s:e], k[s:e], v[s:e], mask[s:e])`); once `attention_to_sdpa` made each
-slice an SDPA, the buffer becomes one SDPA over all heads. `SliceAttention(slice_size)` (opt-in) does
+slice an SDPA, the buffer (or a `cat` of the slices along dim 0) becomes one SDPA over all heads. `SliceAttention(slice_size)` (opt-in) does
 the reverse, for memory: each SDPA over more than slice_size heads runs in head slices and a cat.
 """
 import collections
@@ -93,8 +93,41 @@ def merge_sliced_attention(gm: fx.GraphModule, ctx) -> int:
         for c in copies:
             graph.erase_node(c)
         n += 1
+    for cat in [c for c in graph.nodes if c.op == "call_function" and c.target is aten.cat.default]:
+        n += _merge_cat(cat, ctx)
     log.info("merge_sliced_attention: %d sliced attention(s) -> one SDPA", n)
     return n
+
+
+def _merge_cat(cat, ctx) -> int:
+    """cat([SDPA(q[s:e], k[s:e], v[s:e], mask[s:e]) for consecutive slices], dim=0) -> one SDPA."""
+    items = cat.args[0]
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if dim != 0 or len(items) < 2:
+        return 0
+    parts = []
+    for src in items:
+        sp = _sdpa_parts(src) if isinstance(src, fx.Node) else None
+        if sp is None or len(src.users) != 1:
+            return 0
+        sl = [_slice0(t) for t in sp[:3]]
+        if any(x is None for x in sl) or len({(x[1], x[2]) for x in sl}) != 1:
+            return 0
+        s, e = sl[0][1], sl[0][2]
+        m = (None, s, e) if sp[3] is None else _slice0(sp[3])
+        if m is None or (m[1], m[2]) != (s, e):
+            return 0
+        parts.append((s, e, (sl[0][0], sl[1][0], sl[2][0], m[0]), sp[4]))
+    spans = [(p[0], p[1]) for p in parts]
+    if spans[0][0] != 0 or spans[-1][1] != val(cat).shape[0] or any(a[1] != b[0] for a, b in zip(spans, spans[1:])) \
+            or len({p[2] for p in parts}) != 1 or len({p[3] for p in parts}) != 1:
+        return 0
+    q, k, v, mask = parts[0][2]
+    scale = val(q).shape[-1] ** -0.5 if parts[0][3] is None else parts[0][3]
+    with cat.graph.inserting_before(cat):
+        new, replaced = emit_sdpa(ctx, q, k, v, mask, scale, cat, list(cat.users))
+    replaced.replace_all_uses_with(new)
+    return 1
 
 
 class SliceAttention:

@@ -49,6 +49,10 @@ class Attn(nn.Module):
         q, k, v = (self.head_to_batch(t) for t in (q, k, v))
         if self.mode == "classic":
             o = torch.bmm(self.scores(q, k, mask), v)
+        elif self.mode == "sliced_cat":
+            o = torch.cat([torch.bmm(self.scores(q[s:s + self.slice_size], k[s:s + self.slice_size],
+                                                 None if mask is None else mask[s:s + self.slice_size]),
+                                     v[s:s + self.slice_size]) for s in range(0, q.shape[0], self.slice_size)])
         else:  # sliced
             o = torch.zeros(q.shape[0], q.shape[1], D // self.heads, dtype=q.dtype)
             for s in range(0, q.shape[0], self.slice_size):
@@ -64,17 +68,17 @@ def _inputs(B=2, L=6, Lc=5, dim=8, cross=None, masked=True):
     return x, c, m
 
 
-@pytest.mark.parametrize("mode", ["classic", "sliced"])
+@pytest.mark.parametrize("mode", ["classic", "sliced", "sliced_cat"])
 @pytest.mark.parametrize("masked", [True, False])
 def test_handwritten_and_sliced_attention_become_one_sdpa(g, mode, masked):
     x, c, m = _inputs(cross=4, masked=masked)
     mod = Attn(cross=4, mode=mode, slice_size=1)
     ep2, rep = g.optimize(g.export(mod, x, c, m), *ATTN)
     assert rep["attention_to_sdpa"] == (1 if mode == "classic" else 4)
-    assert rep["merge_sliced_attention"] == (1 if mode == "sliced" else 0)
+    assert rep["merge_sliced_attention"] == (0 if mode == "classic" else 1)
     assert rep["broadcast_attention_mask"] == int(masked)
     assert g.count(ep2, "scaled_dot_product_attention") == 1
-    assert g.count(ep2, "bmm", "softmax", "repeat_interleave", "copy_", "zeros") == 0
+    assert g.count(ep2, "bmm", "softmax", "repeat_interleave", "copy_", "zeros", "cat") == 0
     sdpa = next(n for n in ep2.graph.nodes if "scaled_dot_product" in str(n.target))
     assert sdpa.meta["val"].dim() == 4
     g.check_close(g.run(ep2, x, c, m), mod(x, c, m))

@@ -92,12 +92,22 @@ freeu_values = st.one_of(st.none(), st.fixed_dictionaries(
     {k: st.floats(0.1, 1.6) for k in ("s1", "s2", "b1", "b2")}))
 
 
-@settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def _our_unet():
+    try:
+        import compiled_unet
+    except ImportError:
+        return None
+    return getattr(compiled_unet, "UNet2DConditionModel", None)
+
+
+@settings(max_examples=5, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(channels=st.sampled_from([(8, 16), (16, 16)]), head_dim=st.sampled_from([2, 4]), B=st.integers(1, 2),
        L=st.integers(1, 6), freeu=freeu_values, masked=st.booleans(),
-       processor=st.sampled_from(["sdpa", "classic", "sliced"]), seed=st.integers(0, 3))
-def test_diffusers_unet_equivalence(g, channels, head_dim, B, L, freeu, masked, processor, seed):
-    unet = tiny_unet(channels=channels, head_dim=head_dim, seed=seed)
+       processor=st.sampled_from(["sdpa", "classic", "sliced"]), seed=st.integers(0, 3),
+       model=st.sampled_from(["diffusers", "ours"]))
+def test_unet_equivalence(g, channels, head_dim, B, L, freeu, masked, processor, seed, model):
+    cls = _our_unet() if model == "ours" else None
+    unet = tiny_unet(cls=cls or DiffusersUNet, channels=channels, head_dim=head_dim, seed=seed)
     check_model(g, unet, B, L, freeu, masked, processor, seed)
 
 
