@@ -12,8 +12,8 @@ on our layers, and ours on theirs. Every processor here projects through `projec
   layer's upcast rules through `attn.get_attention_scores`).
 - `SlicedAttnProcessor(n)`, `SlicedAttnAddedKVProcessor(n)`: the same math over `n` rows of
   (batch x heads) at a time, so only one slice of attention scores is alive at once. The number of
-  slices depends only on shapes, so the loop unrolls into a fixed graph; slices are joined by `cat`
-  (diffusers writes them into a zeros buffer in place; the numbers are the same).
+  slices depends only on shapes, so the loop unrolls into a fixed graph; slices are written into one
+  zeros buffer, as diffusers does (same numbers, same exported ops).
 """
 from __future__ import annotations
 
@@ -77,16 +77,22 @@ def project_added_kv(attn, encoder_hidden_states: torch.Tensor):
 
 
 def _bmm_attention(attn, query, key, value, attention_mask, slice_size: Optional[int]) -> torch.Tensor:
-    """diffusers' explicit attention over [B*heads, N, d] tensors, `slice_size` rows at a time (None: all)."""
+    """diffusers' explicit attention over [B*heads, N, d] tensors, `slice_size` rows at a time (None: all).
+
+    Slices are written into one preallocated output, as diffusers does: the exported graph has the same
+    ops as diffusers' (so `passes.merge_sliced_attention` handles both), and no second copy of the
+    output exists (a `cat` would need one).
+    """
     rows = query.shape[0]
-    step = rows if slice_size is None else slice_size
-    outs = []
-    for start in range(0, rows, step):  # static: the row count is a shape
-        end = min(start + step, rows)
+    if slice_size is None or slice_size >= rows:
+        return torch.bmm(attn.get_attention_scores(query, key, attention_mask), value)
+    out = torch.zeros((rows, query.shape[1], value.shape[-1]), device=query.device, dtype=query.dtype)
+    for start in range(0, rows, slice_size):  # static: the row count is a shape
+        end = start + slice_size
         mask = None if attention_mask is None else attention_mask[start:end]
         # One expression: this slice's probabilities are freed before the next slice's are computed.
-        outs.append(torch.bmm(attn.get_attention_scores(query[start:end], key[start:end], mask), value[start:end]))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        out[start:end] = torch.bmm(attn.get_attention_scores(query[start:end], key[start:end], mask), value[start:end])
+    return out
 
 
 class _ExplicitAttn:
