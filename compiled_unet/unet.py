@@ -431,6 +431,72 @@ class UNet2DConditionModel(nn.Module):
         checkpoint.save_pretrained(self, save_directory, config=self.config.to_dict(), variant=variant,
                                    max_shard_size=max_shard_size, safe_serialization=safe_serialization)
 
+    # -- LoRA (compiled_unet/lora.py: formats, layers, export behaviour) -----------------------------
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, adapter_name: Optional[str] = None, *,
+                          prefix: Optional[str] = None, network_alphas: Optional[dict] = None, strict: bool = True,
+                          hotswap: bool = False):
+        """Load UNet LoRA weights (a .safetensors path or a state dict) as adapter `adapter_name`.
+
+        Formats: PEFT/diffusers (`lora_A`/`lora_B`, `lora.down`/`lora.up`, `to_q_lora`), kohya
+        (`lora_unet_...`); alphas from `.alpha` keys, `network_alphas` or the file's metadata, else alpha =
+        rank. A `unet.` prefix is removed; with `prefix`, only keys under `prefix.` are read. Text-encoder
+        keys are skipped and listed in the returned `LoRALoadReport`. Keys that match no Linear/Conv2d
+        raise a ValueError naming them (strict=False: loaded around, warned and listed in the report);
+        wrong shapes always raise, before anything is changed. The new adapter becomes the only active one
+        (as in diffusers). `hotswap=True` copies the weights into the existing adapter of that name (same
+        layers and ranks): an exported program picks them up without a new export.
+        """
+        from . import lora
+        return lora.load(self, pretrained_model_name_or_path_or_dict, adapter_name, prefix=prefix,
+                         network_alphas=network_alphas, strict=strict, hotswap=hotswap)
+
+    def set_adapters(self, adapter_names, weights=None) -> None:
+        """Activate `adapter_names` (str or list) with `weights` (None: 1.0; a number or one per name)."""
+        from . import lora
+        lora.set_adapters(self, adapter_names, weights)
+
+    def active_adapters(self) -> list:
+        from . import lora
+        layers = lora.lora_layers(self)
+        return list(next(iter(layers.values())).active_adapters) if layers else []
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Multiply every adapter's scaling by `scale` through its buffers (export-safe runtime scale).
+
+        `cross_attention_kwargs={"scale": s}` does the same for one call, as in diffusers, but it is a
+        Python number: an exported program keeps the value it was exported with.
+        """
+        from . import lora
+        lora.set_global_scale(self, scale)
+
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None) -> None:
+        """Add `lora_scale` x the adapters' deltas (default: the active ones) into the base weights."""
+        from . import lora
+        lora.fuse(self, lora_scale, safe_fusing, adapter_names)
+
+    def unfuse_lora(self) -> None:
+        """Put back the weights saved at fusion (bit-exact; the LoRA branch runs again)."""
+        from . import lora
+        lora.unfuse(self)
+
+    def unload_lora(self) -> None:
+        """Remove all adapters; the original layers come back (fused weights stay fused, as in diffusers)."""
+        from . import lora
+        lora.unload(self)
+
+    def delete_adapters(self, adapter_names) -> None:
+        from . import lora
+        lora.delete(self, adapter_names)
+
+    def disable_lora(self) -> None:
+        """Run without the (unfused) adapters until `enable_lora()`."""
+        from . import lora
+        lora.set_enabled(self, False)
+
+    def enable_lora(self) -> None:
+        from . import lora
+        lora.set_enabled(self, True)
+
 
 def _materialize_non_persistent(model: nn.Module) -> None:
     """Buffers that checkpoints do not carry (K-resampler kernels) are rebuilt on CPU after a meta load."""
