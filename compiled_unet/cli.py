@@ -64,6 +64,79 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def _model_from_args(args):
+    """(model, (sample, timestep, kwargs)) from --checkpoint DIR or --preset NAME."""
+    import torch
+
+    from .presets import build_random, example_inputs, preset
+
+    if getattr(args, "checkpoint", None):
+        import os
+
+        from .unet import UNet2DConditionModel
+        if not os.path.isdir(args.checkpoint):
+            raise UserError(f"--checkpoint {args.checkpoint!r}: no such folder (expected diffusers' unet layout)")
+        model = UNet2DConditionModel.from_pretrained(args.checkpoint)
+        c = model.config
+        size = args.size or (c.sample_size if isinstance(c.sample_size, int) else 64)
+        g = torch.Generator().manual_seed(0)
+        dim = c.encoder_hid_dim or (c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else c.cross_attention_dim[0])
+        sample = torch.randn(args.batch, c.in_channels, size, size, generator=g)
+        kwargs = {"encoder_hidden_states": torch.randn(args.batch, 77, dim, generator=g)}
+        return model, (sample, torch.full((args.batch,), 500.0), kwargs)
+    preset(args.preset)
+    return build_random(args.preset), example_inputs(args.preset, batch=args.batch, latent_size=args.size)
+
+
+def cmd_inspect(args) -> int:
+    import os
+
+    import torch
+
+    from . import export
+    from .inspect_graph import block_svg, inspect_program
+
+    if args.program:
+        if not os.path.isfile(args.program):
+            raise UserError(f"--program {args.program!r}: no such file (expected a torch.export.save'd program)")
+        try:
+            ep = torch.export.load(args.program)
+        except Exception as e:  # noqa: BLE001 - any load failure is a user-facing bad file
+            raise UserError(f"--program {args.program!r}: not a loadable exported program ({type(e).__name__})")
+        title = os.path.basename(args.program)
+    else:
+        model, (sample, timestep, kwargs) = _model_from_args(args)
+        ep = export(model, sample, timestep, **kwargs)
+        title = args.checkpoint or args.preset
+    pass_report = None
+    if args.passes:
+        import passes
+        ep, pass_report = passes.optimize(ep)
+    report = inspect_program(ep, pass_report)
+    print(report.to_json() if args.format == "json" else report.text())
+    if args.svg:
+        _write_atomic(args.svg, block_svg(report, title=f"{title}{' (optimized)' if args.passes else ''}"))
+        if args.format != "json":
+            print(f"\nblock picture written to {args.svg}")
+    return 0
+
+
+def _write_atomic(path: str, text: str) -> None:
+    import os
+    import tempfile
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="compiled-unet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +146,19 @@ def main(argv=None) -> int:
     demo.add_argument("--size", type=int, default=None, help="latent height = width (default: the preset's)")
     demo.add_argument("--repeats", type=int, default=3)
     demo.set_defaults(fn=cmd_demo)
+
+    insp = sub.add_parser("inspect", help="op histogram per UNet block, pass report, parameter bytes, SVG picture")
+    src = insp.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="tiny", help="tiny (default), sd15, sd21, sdxl")
+    src.add_argument("--checkpoint", help="a diffusers-layout unet folder")
+    src.add_argument("--program", help="a torch.export.save'd ExportedProgram (.pt2)")
+    insp.add_argument("--batch", type=int, default=1)
+    insp.add_argument("--size", type=int, default=None, help="latent height = width")
+    insp.add_argument("--passes", action=argparse.BooleanOptionalAction, default=True,
+                      help="run passes.optimize and show what each pass changed (default: on)")
+    insp.add_argument("--format", choices=("text", "json"), default="text")
+    insp.add_argument("--svg", help="write a block-level picture (SVG) here")
+    insp.set_defaults(fn=cmd_inspect)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
