@@ -106,6 +106,12 @@ def cmd_inspect(args) -> int:
         title = os.path.basename(args.program)
     else:
         model, (sample, timestep, kwargs) = _model_from_args(args)
+        if args.freeu:
+            try:
+                s1, s2, b1, b2 = (float(v) for v in args.freeu.split(","))
+            except ValueError:
+                raise UserError(f"--freeu {args.freeu!r}: expected four numbers s1,s2,b1,b2 (e.g. 0.9,0.2,1.2,1.4)")
+            model.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
         ep = export(model, sample, timestep, **kwargs)
         title = args.checkpoint or args.preset
     pass_report = None
@@ -156,6 +162,7 @@ def main(argv=None) -> int:
     insp.add_argument("--size", type=int, default=None, help="latent height = width")
     insp.add_argument("--passes", action=argparse.BooleanOptionalAction, default=True,
                       help="run passes.optimize and show what each pass changed (default: on)")
+    insp.add_argument("--freeu", help="enable FreeU before export: s1,s2,b1,b2 (e.g. 0.9,0.2,1.2,1.4)")
     insp.add_argument("--format", choices=("text", "json"), default="text")
     insp.add_argument("--svg", help="write a block-level picture (SVG) here")
     insp.set_defaults(fn=cmd_inspect)
