@@ -423,3 +423,14 @@ def test_export_bakes_the_call_scale():
         out = ep.module()(*args, **{**copy.deepcopy(kwargs), "return_dict": False})[0]
     _assert_close(out, _run(model, "sd", 0.5), tol=1e-6)
     assert all(m.runtime_scale == 1.0 for m in model.modules() if isinstance(m, (LoRALinear, LoRAConv2d)))
+
+
+def test_lora_under_qkv_fusion():
+    """Fused QKV projections call adapted layers one by one, so their LoRA still applies."""
+    model, _ = _pair("sd")
+    paths = [p for p in _targets("sd") if re.search(r"attn[12]\.to_[qkv]$", p)][:4]
+    model.load_lora_adapter(_as_format(_make_lora("sd", {p: 2 for p in paths}, 6), {}, "peft"), "q")
+    with_lora = _run(model, "sd")
+    assert (with_lora - _base_out("sd")).abs().max() > 1e-3
+    model.fuse_qkv_projections()
+    _assert_close(_run(model, "sd"), with_lora, tol=1e-5)
