@@ -143,7 +143,30 @@ def _write_atomic(path: str, text: str) -> None:
         raise
 
 
+# ---- bench: a thin call into benchmarks/bench.py (the benchmark suite's own code and options) ----------
+def cmd_bench(argv: list) -> int:
+    """`compiled-unet bench ARGS` == `python -m benchmarks.bench ARGS`; benchmarks/ lives in the source checkout."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "bench.py")):
+        raise UserError("bench runs from a source checkout (benchmarks/ is not part of the installed package)")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.bench import main as bench_main
+
+    return bench_main(argv)
+# ---- end bench -----------------------------------------------------------------------------------------
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # all of its arguments belong to benchmarks.bench
+        try:
+            return cmd_bench(argv[1:])
+        except UserError as e:
+            print(f"compiled-unet: error: {e}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="compiled-unet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="preset UNet -> export -> check against eager -> report")
@@ -166,6 +189,8 @@ def main(argv=None) -> int:
     insp.add_argument("--format", choices=("text", "json"), default="text")
     insp.add_argument("--svg", help="write a block-level picture (SVG) here")
     insp.set_defaults(fn=cmd_inspect)
+    sub.add_parser("bench", add_help=False, help="side-by-side benchmark vs diffusers (+ torch.compile); "
+                   "see `compiled-unet bench --help`")
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

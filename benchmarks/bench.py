@@ -1,0 +1,366 @@
+"""Side-by-side UNet benchmark: one process, same weights and inputs, interleaved rounds after warm-up.
+
+    python -m benchmarks.bench --preset sd15 --size 32 --batch 1 --device cpu
+    python -m benchmarks.bench --smoke                      # tiny preset, seconds once Inductor's cache is warm
+    compiled-unet bench --preset sd15 --size 64 --profile   # the same, from a source checkout
+
+Variants (benchmarks/variants.py): diffusers eager (a), diffusers + the best torch.compile recipe for the
+device (b), ours eager (c), ours compiled through `compiled_unet.compile` (d). Reports median/min/max ms,
+speed-ups vs (a) and (b), cold and warm compile times, per-forward peak memory and relative L2 error vs the
+baseline's fp32 output, in one table. Writes benchmarks/results/<date>-<preset>-<size>-b<batch>-<device>.json,
+a PNG of the ratios next to it, and appends a row to benchmarks/RESULTS.md. Method: benchmarks/NOTES.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE_TAG = "BENCH_PROBE "
+
+RESULTS_HEADER = """# Benchmark results
+
+One row per run of `python -m benchmarks.bench` (appended by the tool; newest last). Times are medians over
+interleaved rounds in one process on the same weights and inputs; speed-ups are `baseline ms / ours ms`
+(> 1 = ours faster) for ours' fastest compiled variant. Cold compile = fresh Inductor cache. Method:
+benchmarks/NOTES.md; full records (min/max, memory, options, machine): benchmarks/results/*.json.
+
+| date | machine | case | baseline | eager ms | recipe ms | ours eager ms | ours compiled ms | vs eager | vs recipe | rel L2 (ours) | cold compile s (recipe / ours) | record |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+"""
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmarks.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="tiny, sd15, sd21, sdxl (default: sd15; --smoke: tiny)")
+    p.add_argument("--size", type=int, default=None, help="latent height = width (default: the preset's)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--variants", default=None,
+                   help="comma list of: diffusers-eager (alias eager), diffusers-compile (alias recipe), ours-eager, "
+                        "ours-inductor, ours-aot (default: all for the device; no ours-aot on CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per variant (default 2; smoke 1)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10; smoke 3)")
+    p.add_argument("--inner", type=int, default=1, help="calls per timed sample (averaged; for ms-scale GPU calls)")
+    p.add_argument("--compile-times", choices=("probe", "fresh", "reuse"), default=None,
+                   help="probe: cold and warm compile each in a fresh subprocess (cold = empty Inductor cache, warm = "
+                        "the cache the cold one filled), then this process compiles warm [default on CPU]. "
+                        "fresh: this process compiles each variant once with an empty cache (cold only) [default on "
+                        "CUDA]. reuse: compile once with the environment's TORCHINDUCTOR_CACHE_DIR (neither) [smoke]")
+    p.add_argument("--ours-options", default=None, help="JSON of InductorOptions fields for ours, e.g. '{\"freezing\": false}'")
+    p.add_argument("--recipe-mode", default=None, help="torch.compile mode for the recipe instead of the device's "
+                                                        "(default, reduce-overhead, max-autotune, ...)")
+    p.add_argument("--no-diffusers", action="store_true", help="baseline = our eager model even if diffusers is installed")
+    p.add_argument("--profile", action="store_true", help="also print per-block / per-op times vs counted FLOPs and "
+                                                          "the measured matmul peak")
+    p.add_argument("--profile-iters", type=int, default=3)
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"), help="JSON and PNG folder")
+    p.add_argument("--json", default=None, help="JSON path (default: OUT_DIR/<date>-<preset>-<size>-b<batch>-<device>.json)")
+    p.add_argument("--results-md", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
+    p.add_argument("--no-record", action="store_true", help="do not append a row to RESULTS.md")
+    p.add_argument("--smoke", action="store_true", help="CI smoke: tiny preset, 8x8 latent, 1 warm-up, 3 rounds, "
+                                                        "compile-times reuse, no RESULTS.md row")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    # Internal: compile-time probes (run in a subprocess by --compile-times probe).
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--probe-save", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--probe-load", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.device = args.device.lower()
+    if args.smoke:
+        args.preset = args.preset or "tiny"
+        args.size = args.size or 8
+        args.warmup = 1 if args.warmup is None else args.warmup
+        args.rounds = 3 if args.rounds is None else args.rounds
+        args.compile_times = args.compile_times or "reuse"
+        args.no_record = True
+    args.preset = args.preset or "sd15"
+    args.warmup = 2 if args.warmup is None else args.warmup
+    args.rounds = 10 if args.rounds is None else args.rounds
+    args.compile_times = args.compile_times or ("fresh" if args.device.startswith("cuda") else "probe")
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.rounds < 1 or args.warmup < 0 or args.inner < 1:
+        p.error("--rounds and --inner must be >= 1, --warmup >= 0")
+    return args
+
+
+def _case_argv(args) -> list[str]:
+    out = ["--preset", args.preset, "--batch", str(args.batch), "--device", args.device, "--dtype", args.dtype]
+    if args.size:
+        out += ["--size", str(args.size)]
+    if args.ours_options:
+        out += ["--ours-options", args.ours_options]
+    if args.no_diffusers:
+        out.append("--no-diffusers")
+    if args.recipe_mode:
+        out += ["--recipe-mode", args.recipe_mode]
+    if args.threads:
+        out += ["--threads", str(args.threads)]
+    return out
+
+
+def _fresh_cache_env(folder: str) -> None:
+    """Point Inductor (and Triton) at `folder` and drop in-memory compile caches, so that the next compile
+    in this process starts cold."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(folder, "triton")
+    try:
+        from torch._inductor.utils import clear_caches
+
+        clear_caches()
+    except ImportError:
+        pass
+
+
+def run_probe(args, extra: list[str], cache_dir: str) -> dict:
+    """Run this module in a fresh process with `cache_dir` as the Inductor cache; returns its probe record."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"),
+               PYTHONPATH=os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    cmd = [sys.executable, "-m", "benchmarks.bench", *_case_argv(args), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(PROBE_TAG):
+            rec = json.loads(line[len(PROBE_TAG):])
+            rec["process_s"] = time.perf_counter() - t0
+            return rec
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    raise RuntimeError(f"probe {' '.join(extra)} failed (exit {proc.returncode}): {' | '.join(tail)}")
+
+
+def probe_main(args) -> int:
+    """Subprocess side of --compile-times probe: build one variant (or load an AOT package), print times."""
+    import torch
+
+    from .variants import DTYPES, build, build_case
+
+    device = torch.device(args.device)
+    if args.probe_load:
+        import compiled_unet
+        from compiled_unet.presets import example_inputs
+
+        sample, t, kw = example_inputs(args.preset, batch=args.batch, latent_size=args.size, dtype=DTYPES[args.dtype])
+        t0 = time.perf_counter()
+        loaded = compiled_unet.load(args.probe_load)
+        load_s = time.perf_counter() - t0
+        with torch.no_grad():
+            loaded(sample.to(device), t.to(device), **kw, return_dict=False)
+        rec = {"load_s": load_s, "load_and_first_call_s": time.perf_counter() - t0}
+    else:
+        case = build_case(args.preset, args.size, args.batch, device, DTYPES[args.dtype],
+                          use_diffusers=not args.no_diffusers, reference=False, log=lambda m: None)
+        b = build(args.probe, case, json.loads(args.ours_options) if args.ours_options else None, args.recipe_mode)
+        rec = {"first_call_s": b.first_call_s}
+        if args.probe_save and b.name == "ours-aot":
+            import compiled_unet
+
+            compiled_unet.save(b.keep, args.probe_save)
+    print(PROBE_TAG + json.dumps(rec), flush=True)
+    return 0
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def table(record: dict) -> str:
+    lines = [f"{record['case']['describe']} | baseline: {record['baseline']} | {record['machine_line']}",
+             f"{'variant':18s} {'median ms':>10s} {'min-max ms':>17s} {'vs eager':>8s} {'vs recipe':>9s} "
+             f"{'cold s':>7s} {'warm s':>7s} {'first s':>7s} {'peak MB':>8s} {'rel L2':>8s}"]
+    for v in record["variants"]:
+        if v.get("error"):
+            lines.append(f"{v['name']:18s} FAILED: {v['error'][:100]}")
+            continue
+        lines.append(
+            f"{v['name']:18s} {v['median_ms']:10.2f} {v['min_ms']:8.2f}-{v['max_ms']:<8.2f} "
+            f"{_ratio(v['speedup_vs_eager']):>8s} {_ratio(v['speedup_vs_recipe']):>9s} "
+            f"{_fmt(v['compile_cold_s'], '7.1f'):>7s} {_fmt(v['compile_warm_s'], '7.1f'):>7s} "
+            f"{_fmt(v['first_call_s'], '7.1f'):>7s} {_fmt(v['peak_forward_bytes'] and v['peak_forward_bytes'] / 2**20, '8.1f'):>8s} "
+            f"{_fmt(v['rel_l2_err'], '8.1e'):>8s}")
+    lines.append(f"speed-up = role ms / variant ms (eager: {record['roles'].get('a')}, recipe: {record['roles'].get('b')}); "
+                 f"rel L2 vs {record['error_reference']}; peak MB: {record['memory_method']}")
+    return "\n".join(lines)
+
+
+def _results_row(record: dict, json_path: str) -> str:
+    by = {v["name"]: v for v in record["variants"] if not v.get("error")}
+    roles = record["roles"]
+    a, b = by.get(roles.get("a") or ""), by.get(roles.get("b") or "")
+    ours = [v for v in by.values() if v["role"] == "d"]
+    best = min(ours, key=lambda v: v["median_ms"]) if ours else None
+    c = by.get("ours-eager")
+
+    def ms(v):
+        return f"{v['median_ms']:.1f}" if v else "-"
+
+    cold = f"{_fmt(b and b['compile_cold_s'], '.0f')} / {_fmt(best and best['compile_cold_s'], '.0f')}"
+    cells = [record["date"], record["machine_line"], record["case"]["describe"], record["baseline"], ms(a), ms(b), ms(c),
+             f"{ms(best)} ({best['name']})" if best else "-",
+             _ratio(best and best["speedup_vs_eager"]), _ratio(best and best["speedup_vs_recipe"]),
+             _fmt(best and best["rel_l2_err"], ".1e"), cold, os.path.relpath(json_path, os.path.dirname(record["_md"]))]
+    return "| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.probe or args.probe_load:
+        return probe_main(args)
+    import torch
+
+    from . import measure, plot, variants
+    from ._io import append_row_atomic, write_atomic
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log("error: --device cuda but CUDA is not available")
+        return 2
+    if args.dtype not in variants.DTYPES:
+        log(f"error: unknown --dtype {args.dtype!r}; expected one of {sorted(variants.DTYPES)}")
+        return 2
+    overrides = json.loads(args.ours_options) if args.ours_options else None
+    info = measure.machine(device)
+    if info.get("load_avg_1m", 0) > 0.5 * (info["cores"] or 1):
+        log(f"WARNING: load average {info['load_avg_1m']:.1f} on {info['cores']} cores: timings will be noisy")
+    started = time.time()
+    case = variants.build_case(args.preset, args.size, args.batch, device, variants.DTYPES[args.dtype],
+                               use_diffusers=not args.no_diffusers, log=log)
+    requested = [n.strip() for n in args.variants.split(",") if n.strip()] if args.variants else None
+    names = variants.resolve_names(requested, case.has_diffusers, device)
+    log(f"case: {case.describe()}; baseline: {case.baseline}; variants: {', '.join(names)}")
+
+    scratch = tempfile.mkdtemp(prefix="bench_")
+    built: dict[str, variants.Built] = {}
+    rows: dict[str, dict] = {}
+    try:
+        for name in names:
+            row = rows[name] = {"name": name, "compile_cold_s": None, "compile_warm_s": None, "first_call_s": None,
+                                "load_s": None, "held_bytes": None, "error": None}
+            compiled = name not in ("diffusers-eager", "torch-eager", "ours-eager")
+            try:
+                if compiled and args.compile_times == "probe":
+                    cache = tempfile.mkdtemp(prefix=f"inductor_{name}_", dir=scratch)
+                    pkg = os.path.join(scratch, f"{name}.pt2")
+                    extra = ["--probe", name] + (["--probe-save", pkg] if name == "ours-aot" else [])
+                    log(f"[{name}] cold compile in a fresh process (empty Inductor cache) ...")
+                    row["compile_cold_s"] = run_probe(args, extra, cache)["first_call_s"]
+                    log(f"[{name}] warm compile in a fresh process ...")
+                    row["compile_warm_s"] = run_probe(args, extra, cache)["first_call_s"]
+                    if name == "ours-aot":
+                        rec = run_probe(args, ["--probe-load", pkg], cache)
+                        row["load_s"], row["load_and_first_call_s"] = rec["load_s"], rec["load_and_first_call_s"]
+                    _fresh_cache_env(cache)  # this process compiles warm from the probes' cache
+                elif compiled and args.compile_times == "fresh":
+                    _fresh_cache_env(tempfile.mkdtemp(prefix=f"inductor_{name}_", dir=scratch))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    before = torch.cuda.memory_allocated(device)
+                log(f"[{name}] building" + (" (compiling)" if compiled else ""))
+                b = built[name] = variants.build(name, case, overrides, args.recipe_mode)
+                row.update(role=b.role, label=b.label, first_call_s=b.first_call_s, options=b.options)
+                if b.load_s is not None and row["load_s"] is None:
+                    row["load_s"] = b.load_s
+                if compiled and args.compile_times == "fresh":
+                    row["compile_cold_s"] = b.first_call_s
+                if compiled:
+                    log(f"[{name}] first call after {b.first_call_s:.1f} s")
+                with torch.no_grad():
+                    for _ in range(args.warmup):
+                        b.fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    row["held_bytes"] = int(torch.cuda.memory_allocated(device) - before)
+            except Exception as e:  # one failing variant must not lose the others' numbers
+                traceback.print_exc()
+                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+                built.pop(name, None)
+                log(f"[{name}] FAILED: {row['error']}")
+
+        # Error vs the fp32 reference, and per-forward peak memory.
+        for name, b in built.items():
+            with torch.no_grad():
+                out = b.fn().float().cpu().clone()
+            rows[name]["rel_l2_err"] = measure.rel_l2(out, case.ref)
+            rows[name]["peak_forward_bytes"] = measure.peak_forward_bytes(b.fn, device)
+
+        log(f"timing: {args.rounds} interleaved rounds x {len(built)} variants")
+        times = measure.time_rounds({n: b.fn for n, b in built.items()}, args.rounds, device, args.inner)
+        for name, secs in times.items():
+            rows[name].update(measure.summarize(secs), times_ms=[s * 1e3 for s in secs])
+
+        roles = {r: next((n for n, b in built.items() if b.role == r), None) for r in "ab"}
+        for row in rows.values():
+            for key, role in (("speedup_vs_eager", "a"), ("speedup_vs_recipe", "b")):
+                ref = rows.get(roles[role] or "")
+                row[key] = (ref["median_ms"] / row["median_ms"]
+                            if ref and "median_ms" in ref and "median_ms" in row else None)
+
+        profile = None
+        if args.profile:
+            profile = __import__("benchmarks.profiling", fromlist=["run"]).run(
+                case, built, {n: rows[n]["median_ms"] for n in built}, iters=args.profile_iters, log=log)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    date = datetime.date.today().isoformat()
+    device_tag = "cuda" if device.type == "cuda" else "cpu"
+    json_path = args.json or os.path.join(args.out_dir, f"{date}-{args.preset}-{case.size}-b{args.batch}-{device_tag}.json")
+    order = ["name", "role", "label", "median_ms", "min_ms", "max_ms", "n", "speedup_vs_eager", "speedup_vs_recipe",
+             "compile_cold_s", "compile_warm_s", "first_call_s", "load_s", "peak_forward_bytes", "held_bytes",
+             "rel_l2_err", "error"]
+    record = {
+        "date": date, "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+        "wall_s": time.time() - started, "machine": info, "machine_line": measure.describe(info),
+        "case": {"preset": args.preset, "size": case.size, "batch": args.batch, "device": device_tag,
+                 "dtype": args.dtype, "describe": case.describe()},
+        "baseline": case.baseline, "roles": roles, "recipe": variants.recipe_for(device, args.recipe_mode),
+        "settings": {"warmup": args.warmup, "rounds": args.rounds, "inner": args.inner,
+                     "compile_times": args.compile_times, "ours_options": overrides},
+        "error_reference": f"{case.baseline.split(' (')[0]} eager, float32, same weights and inputs",
+        "memory_method": measure.MEMORY_METHOD[device_tag],
+        "variants": [{**{k: row.get(k) for k in order}, **{k: v for k, v in row.items() if k not in order}}
+                     for row in rows.values()],
+        "profile": profile,
+    }
+    for row in record["variants"]:
+        if row.get("role") is None:
+            row["role"] = variants.ALIASES.get(row["name"])
+    log("")
+    log(table(record))
+    write_atomic(json_path, json.dumps(record, indent=1, default=str) + "\n")
+    png = os.path.splitext(json_path)[0] + ".png"
+    series = [f"vs {roles['a'] or 'eager'}", f"vs {roles['b'] or 'recipe'}"]
+    ok = [v for v in record["variants"] if not v.get("error") and "median_ms" in v]
+    write_atomic(png, plot.ratio_chart(f"{case.describe()}: speed-up (median)",
+                                       [(v["name"], [v["speedup_vs_eager"], v["speedup_vs_recipe"]]) for v in ok],
+                                       series))
+    log(f"record: {json_path}\nplot:   {png}")
+    if not args.no_record:
+        record["_md"] = os.path.abspath(args.results_md)
+        append_row_atomic(args.results_md, RESULTS_HEADER, _results_row(record, os.path.abspath(json_path)))
+        log(f"row appended to {args.results_md}")
+    return 1 if any(v.get("error") for v in record["variants"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
