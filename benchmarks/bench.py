@@ -94,6 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.rounds = 10 if args.rounds is None else args.rounds
     args.compile_times = args.compile_times or ("fresh" if args.device.startswith("cuda") else "probe")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    from .variants import ALIASES
+
+    for name in (args.variants or "").split(","):
+        if name.strip() and name.strip() not in ALIASES:
+            p.error(f"unknown variant {name.strip()!r}; expected some of {', '.join(sorted(ALIASES))}")
     if args.rounds < 1 or args.warmup < 0 or args.inner < 1:
         p.error("--rounds and --inner must be >= 1, --warmup >= 0")
     return args

@@ -1,0 +1,116 @@
+"""The benchmark harness runs end to end (not how fast anything is): bench.py's smoke mode, gpu.sh --dry,
+the record/plot writers, and `compiled-unet bench`.
+
+The smoke run compiles one Inductor graph (the tiny preset through compiled_unet.compile); with
+TORCHINDUCTOR_CACHE_DIR at the checkout's .cache/inductor (scripts/env.sh) reruns hit the cache.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(ROOT, ".cache", "inductor"))
+    env["PYTHON"] = sys.executable  # gpu.sh runs $PYTHON (default: python on PATH)
+    return env
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.slow
+def test_bench_smoke(tmp_path):
+    """Tiny preset on CPU: diffusers eager, ours eager, ours compiled (one Inductor compile): every variant
+    has finite timings, a speed-up and an error; the JSON, the PNG and no RESULTS.md row are written."""
+    out = tmp_path / "rec.json"
+    md = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--smoke", "--variants",
+                           "eager,ours-eager,ours-inductor", "--json", str(out), "--results-md", str(md)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    names = [v["name"] for v in rec["variants"]]
+    assert names == ["diffusers-eager", "ours-eager", "ours-inductor"]
+    assert rec["roles"]["a"] == "diffusers-eager" and rec["case"]["preset"] == "tiny"
+    for v in rec["variants"]:
+        assert v["error"] is None, v
+        for key in ("median_ms", "min_ms", "max_ms", "speedup_vs_eager", "rel_l2_err"):
+            assert isinstance(v[key], float) and math.isfinite(v[key]), (v["name"], key, v[key])
+        assert v["min_ms"] <= v["median_ms"] <= v["max_ms"] and len(v["times_ms"]) == 3
+        assert v["peak_forward_bytes"] > 0
+    by = {v["name"]: v for v in rec["variants"]}
+    assert by["ours-eager"]["rel_l2_err"] <= 1e-5 and by["ours-inductor"]["rel_l2_err"] <= 1e-4
+    assert by["ours-inductor"]["first_call_s"] > 0 and by["ours-inductor"]["options"]["freezing"] is True
+    assert rec["machine"]["cpu"] and rec["machine"]["torch"]
+    w, h = _png_size(out.with_suffix(".png").read_bytes())
+    assert w > 100 and h > 100
+    assert not md.exists()  # --smoke never appends to RESULTS.md
+    assert "ours-inductor" in proc.stdout.split("speed-up =")[0].splitlines()[-1]  # the table is printed
+
+
+def test_gpu_sh_dry():
+    """The GPU script's dry mode (CPU, tiny preset, eager variants) runs and prints its summary last."""
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), "--dry"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = proc.stdout.split("=== summary")[-1]
+    assert "tiny 8x8 batch 1" in summary and "diffusers-eager" in summary and "ours-eager" in summary
+
+
+def test_records_and_plot(tmp_path):
+    """RESULTS.md rows append atomically under the header; the PNG chart is a valid image."""
+    from benchmarks import bench
+    from benchmarks._io import append_row_atomic
+    from benchmarks.plot import ratio_chart
+
+    variants = [dict(name="diffusers-eager", role="a", median_ms=10.0, speedup_vs_eager=1.0, speedup_vs_recipe=0.5,
+                     compile_cold_s=None, rel_l2_err=0.0),
+                dict(name="diffusers-compile", role="b", median_ms=5.0, speedup_vs_eager=2.0, speedup_vs_recipe=1.0,
+                     compile_cold_s=60.0, rel_l2_err=1e-7),
+                dict(name="ours-inductor", role="d", median_ms=4.0, speedup_vs_eager=2.5, speedup_vs_recipe=1.25,
+                     compile_cold_s=30.0, rel_l2_err=2e-7)]
+    md = tmp_path / "RESULTS.md"
+    record = dict(date="2026-01-01", machine_line="cpu; torch x", case={"describe": "tiny 8x8 batch 1 float32 cpu"},
+                  baseline="diffusers 0.42.1", roles={"a": "diffusers-eager", "b": "diffusers-compile"},
+                  variants=variants, _md=str(md))
+    for _ in range(2):
+        append_row_atomic(str(md), bench.RESULTS_HEADER, bench._results_row(record, str(tmp_path / "r.json")))
+    text = md.read_text()
+    assert text.startswith(bench.RESULTS_HEADER) and text.count("| 2026-01-01 |") == 2
+    row = text.splitlines()[-1]
+    assert "4.0 (ours-inductor)" in row and "2.50x" in row and "1.25x" in row and "60 / 30" in row
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    png = ratio_chart("t", [(v["name"], [v["speedup_vs_eager"], None]) for v in variants], ["a", "b"])
+    w, h = _png_size(png)
+    # The image data decompresses to h rows of (filter byte + 3 bytes per pixel).
+    idat = png[png.index(b"IDAT") + 4:png.index(b"IEND") - 8]
+    assert len(zlib.decompress(idat)) == h * (1 + 3 * w)
+
+
+def test_cli_bench_routes_to_benchmarks(capsys):
+    from compiled_unet import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "--compile-times" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--variants", "nope"])
+    assert e.value.code == 2
+    assert "unknown variant 'nope'" in capsys.readouterr().err
