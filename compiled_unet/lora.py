@@ -28,6 +28,19 @@ components and are reported as such):
 Alphas come from `.alpha` keys, `network_alphas` or a safetensors file's `lora_adapter_metadata`
 (diffusers' LoraConfig: `lora_alpha`, `alpha_pattern`, `r`, `rank_pattern`, `use_rslora`); without one,
 alpha = rank (scale 1), as in diffusers. Targets: every `nn.Linear` and `nn.Conv2d` of the model.
+
+Deliberately not copied from diffusers / PEFT:
+- Keys that match no layer raise (strict=True) or are listed in the returned report; diffusers warns.
+- Kohya names are matched against the model's own module paths, not rewritten by string replaces:
+  diffusers' conversion mangles `add_embedding`, `class_embedding`, `add_k_proj`/`add_v_proj`, and names the
+  alphas of attention layers so that PEFT never applies them (per-layer kohya alphas are lost there).
+- `fuse_lora(lora_scale)` leaves the adapters' scaling as it was (diffusers multiplies it in for good, so
+  after `unfuse_lora` the adapter runs at `lora_scale`); `unfuse_lora` puts back a saved copy of the weights
+  (bit-exact; one copy of each fused weight is kept while fused) instead of subtracting the delta.
+- A layer with some adapters fused still runs its other active adapters (PEFT runs none once merged), and
+  `disable_lora` does not unfuse (PEFT unmerges on disable).
+Not supported (clear errors): DoRA, LoRA bias, LoKr, per-block dict weights in `set_adapters`, SDXL kohya
+files with sgm names (`lora_unet_input_blocks_...`: reported as unmatched), pickled files, hub downloads.
 """
 from __future__ import annotations
 
