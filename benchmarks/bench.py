@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--variants", default=None,
                    help="comma list of: diffusers-eager (alias eager), diffusers-compile (alias recipe), ours-eager, "
-                        "ours-inductor, ours-aot (default: all for the device; no ours-aot on CUDA)")
+                        "ours-<backend> for each compiled_unet backend (ours-inductor), ours-aot (AOTInductor package) "
+                        "(default: all for the device; no ours-aot on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per variant (default 2; smoke 1)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10; smoke 3)")
     p.add_argument("--inner", type=int, default=1, help="calls per timed sample (averaged; for ms-scale GPU calls)")
@@ -94,11 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.rounds = 10 if args.rounds is None else args.rounds
     args.compile_times = args.compile_times or ("fresh" if args.device.startswith("cuda") else "probe")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    from .variants import ALIASES
+    from .variants import aliases
 
+    known = aliases()
     for name in (args.variants or "").split(","):
-        if name.strip() and name.strip() not in ALIASES:
-            p.error(f"unknown variant {name.strip()!r}; expected some of {', '.join(sorted(ALIASES))}")
+        if name.strip() and name.strip() not in known:
+            p.error(f"unknown variant {name.strip()!r}; expected some of {', '.join(sorted(known))}")
     if args.rounds < 1 or args.warmup < 0 or args.inner < 1:
         p.error("--rounds and --inner must be >= 1, --warmup >= 0")
     return args
@@ -341,7 +343,7 @@ def main(argv=None) -> int:
         "baseline": case.baseline, "roles": roles, "recipe": variants.recipe_for(device, args.recipe_mode),
         "settings": {"warmup": args.warmup, "rounds": args.rounds, "inner": args.inner,
                      "compile_times": args.compile_times, "ours_options": overrides},
-        "error_reference": f"{case.baseline.split(' (')[0]} eager, float32, same weights and inputs",
+        "error_reference": f"{'diffusers' if case.has_diffusers else 'ours'} eager, float32, same weights and inputs",
         "memory_method": measure.MEMORY_METHOD[device_tag],
         "variants": [{**{k: row.get(k) for k in order}, **{k: v for k, v in row.items() if k not in order}}
                      for row in rows.values()],
@@ -349,7 +351,7 @@ def main(argv=None) -> int:
     }
     for row in record["variants"]:
         if row.get("role") is None:
-            row["role"] = variants.ALIASES.get(row["name"])
+            row["role"] = variants.aliases().get(row["name"])
     log("")
     log(table(record))
     write_atomic(json_path, json.dumps(record, indent=1, default=str) + "\n")

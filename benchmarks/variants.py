@@ -97,19 +97,20 @@ def build_case(preset: str, size: int | None, batch: int, device: torch.device, 
     t0 = time.perf_counter()
     ours = build_random(preset)                                   # fp32, CPU, seeded
     sample, timestep, kwargs = example_inputs(preset, batch=batch, latent_size=size)
-    has_diffusers = False
+    has_diffusers, why = False, "not requested"
     if use_diffusers:
         try:
             import diffusers  # noqa: F401
             has_diffusers = True
         except ImportError:
+            why = "diffusers not installed"
             log("diffusers is not installed: the baseline is our own eager model (roles a and b)")
     if has_diffusers:
         import diffusers
 
         base, baseline = diffusers_twin(ours, p.config), f"diffusers {diffusers.__version__}"
     else:
-        base, baseline = ours, "ours eager (diffusers not installed)"
+        base, baseline = ours, f"ours eager ({why})"
     log(f"built {preset}: {sum(t.numel() for t in ours.parameters()) / 1e6:.1f} M parameters "
         f"({time.perf_counter() - t0:.1f} s)")
     ref = None
@@ -144,32 +145,39 @@ class Built:
     keep: Any = None                    # objects that must outlive the run (temporary directories)
 
 
-def variant_names(case_has_diffusers: bool, device: torch.device) -> list[str]:
-    """Every variant for this device, in table order."""
+def _ours_compiled() -> list[str]:
+    """One variant per compiled_unet backend (`ours-<backend>`), plus the AOTInductor runtime."""
+    from compiled_unet.backends import BACKENDS
+
+    return [f"ours-{b}" for b in BACKENDS] + (["ours-aot"] if "inductor" in BACKENDS else [])
+
+
+def aliases() -> dict[str, str]:
+    """Every accepted variant name -> its role."""
+    out = {"eager": "a", "diffusers-eager": "a", "torch-eager": "a", "recipe": "b", "diffusers-compile": "b",
+           "torch-compile": "b", "ours-eager": "c"}
+    return {**out, **{n: "d" for n in _ours_compiled()}}
+
+
+def variant_names(case_has_diffusers: bool, device: torch.device, everything: bool = False) -> list[str]:
+    """The variants for this device, in table order (by default no AOT package on CUDA: compile budget)."""
     a, b = ("diffusers-eager", "diffusers-compile") if case_has_diffusers else ("torch-eager", "torch-compile")
-    names = [a, b] + (["ours-eager"] if case_has_diffusers else []) + ["ours-inductor"]
-    if device.type == "cpu":
-        names.append("ours-aot")
-    return names
-
-
-ALIASES = {"eager": "a", "diffusers-eager": "a", "torch-eager": "a", "recipe": "b", "diffusers-compile": "b",
-           "torch-compile": "b", "ours-eager": "c", "ours-inductor": "d", "ours-aot": "d"}
+    ours = [n for n in _ours_compiled() if everything or device.type == "cpu" or n != "ours-aot"]
+    return [a, b] + (["ours-eager"] if case_has_diffusers else []) + ours
 
 
 def resolve_names(requested: list[str] | None, case_has_diffusers: bool, device: torch.device) -> list[str]:
     """Map requested names (either spelling of the baselines, or 'eager'/'recipe') to this case's names."""
-    available = variant_names(case_has_diffusers, device)
-    if device.type == "cuda":
-        available = available + ["ours-aot"]
     if not requested:
         return variant_names(case_has_diffusers, device)
+    available = variant_names(case_has_diffusers, device, everything=True)
+    roles = aliases()
     by_role = {"a": available[0], "b": available[1]}
     out = []
     for name in requested:
-        if name not in ALIASES:
-            raise ValueError(f"unknown variant {name!r}; expected some of {sorted(ALIASES)}")
-        real = by_role.get(ALIASES[name], name)
+        if name not in roles:
+            raise ValueError(f"unknown variant {name!r}; expected some of {sorted(roles)}")
+        real = by_role.get(roles[name], name)
         if real == "ours-eager" and not case_has_diffusers:
             continue  # the same model as torch-eager
         if real not in out:
@@ -250,27 +258,28 @@ def build(name: str, case: Case, overrides: dict | None = None, recipe_mode: str
             first_s = _timed_first(first, dev)
         what = "diffusers" if case.has_diffusers else "ours eager (no diffusers)"
         return Built(name, "b", f"{what} + torch.compile recipe", fn, first_s, options=dict(recipe))
-    if name in ("ours-inductor", "ours-aot"):
+    if name in _ours_compiled():
         import compiled_unet
 
-        opts = ours_options(dev, overrides)
+        backend = "inductor" if name == "ours-aot" else name.removeprefix("ours-")
+        opts = ours_options(dev, overrides) if backend == "inductor" else None
         if name == "ours-aot":
             opts = dataclasses.replace(opts, aot=True, channels_last=None, cudagraphs=False)
         model = shared_copy(case.ours)
         sync(dev)
         t0 = time.perf_counter()
-        compiled = compiled_unet.compile(model, x, t, backend="inductor", options=opts, **kw)
+        compiled = compiled_unet.compile(model, x, t, backend=backend, options=opts, **kw)
         sync(dev)
         first_s = time.perf_counter() - t0
-        graphs = bool(compiled.options.cudagraphs)
+        graphs = bool(getattr(compiled.options, "cudagraphs", False))
 
         def fn():
             if graphs:
                 cudagraph_step()
             return compiled(x, t, **kw, return_dict=False)[0]
 
-        resolved = {k: v for k, v in dataclasses.asdict(compiled.options).items()}
-        label = "ours compiled (Inductor, AOT package)" if name == "ours-aot" else "ours compiled (Inductor)"
+        resolved = dataclasses.asdict(compiled.options) if dataclasses.is_dataclass(compiled.options) else {}
+        label = "ours compiled (Inductor, AOT package)" if name == "ours-aot" else f"ours compiled ({backend})"
         built = Built(name, "d", label, fn, first_s, options=resolved, keep=compiled)
         if name == "ours-aot":  # the jit runtime ran its first forward while compiling; the AOT one did not
             built.first_call_s += _timed_first(fn, dev)
