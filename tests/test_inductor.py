@@ -1,0 +1,255 @@
+"""Inductor backend: compiled == eager, strict call signature, drop-in for a scheduler loop, the .pt2 round
+trip in a fresh process, and weight swap without recompiling.
+
+Compiled artifacts come from tests/compiled_fixtures.py (built once per process). Tolerance for fp32:
+max-abs error <= 1e-4 x output scale (max |eager output|).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+import torch
+
+import compiled_unet
+from cases import build
+from compiled_fixtures import (assert_close_to_eager, bucket_example, bundle_dir, compiled_buckets,  # noqa: F401
+                               compiled_jit, inductor_cache_files, tiny_model)
+from compiled_unet.backends import InductorOptions
+
+pytestmark = pytest.mark.slow
+
+
+def _eager(model, sample, timestep, **kwargs):
+    with torch.no_grad():
+        return model(sample, timestep, **kwargs).sample
+
+
+# --------------------------------------------------------------------------------------------------
+# Options: validated on construction, defaults per device in one place (cheap, no compile).
+
+def test_options_validate():
+    with pytest.raises(TypeError, match="freezing"):
+        InductorOptions(freezing="yes")
+    with pytest.raises(ValueError, match="channels_last"):
+        InductorOptions(aot=True, channels_last=True)
+    with pytest.raises(ValueError, match="cudagraphs"):
+        InductorOptions(aot=True, cudagraphs=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        InductorOptions(cudagraphs=True).resolve(torch.device("cpu"))
+    cpu = InductorOptions().resolve(torch.device("cpu"))
+    assert cpu.freezing and cpu.channels_last and cpu.config()["freezing"]
+    aot = InductorOptions(aot=True).resolve(torch.device("cpu"))
+    assert not aot.freezing and aot.config()["aot_inductor.use_runtime_constant_folding"]
+    assert InductorOptions(freezing=False).resolve(torch.device("cpu")).freezing is False  # explicit wins
+
+
+def test_compile_rejects_bad_arguments(tiny_model):
+    model, (sample, timestep), kwargs = tiny_model
+    with pytest.raises(ValueError, match="unknown backend"):
+        compiled_unet.compile(model, sample, timestep, backend="tvm", **kwargs)
+    with pytest.raises(TypeError, match="InductorOptions"):
+        compiled_unet.compile(model, sample, timestep, options={"freezing": True}, **kwargs)
+    with pytest.raises(ValueError, match="passes"):
+        compiled_unet.compile(model, sample, timestep, passes="fast", **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process (jit) graph.
+
+def test_jit_matches_eager(tiny_model, compiled_jit):
+    model, (sample, timestep), kwargs = tiny_model
+    ref = _eager(model, sample, timestep, **kwargs)
+    out = compiled_jit(sample, timestep, **kwargs)
+    assert isinstance(out, compiled_unet.UNet2DConditionOutput)
+    assert_close_to_eager(out.sample, ref)
+    (tup,) = compiled_jit(sample * 0.5, timestep, return_dict=False, **kwargs)
+    assert_close_to_eager(tup, _eager(model, sample * 0.5, timestep, **kwargs))
+    assert compiled_jit.report is not None and compiled_jit.report["fuse_qkv"] > 0  # the passes ran
+
+
+def test_jit_never_recompiles(tiny_model, compiled_jit):
+    from torch._dynamo.utils import counters
+
+    model, (sample, timestep), kwargs = tiny_model
+    before = dict(counters["stats"])
+    files = inductor_cache_files()
+    for scale in (0.1, 2.0, -1.0):
+        compiled_jit(sample * scale, timestep + 3, encoder_hidden_states=kwargs["encoder_hidden_states"] * scale)
+    assert dict(counters["stats"]) == before
+    assert inductor_cache_files() == files
+
+
+def test_wrong_inputs_raise_naming_expected_shapes(tiny_model, compiled_jit):
+    model, (sample, timestep), kwargs = tiny_model
+    ehs = kwargs["encoder_hidden_states"]
+    with pytest.raises(ValueError, match=r"sample is \[1, 4, 8, 8\].*expected \[2, 4, 8, 8\]"):
+        compiled_jit(sample[:1], timestep[:1], ehs[:1])
+    with pytest.raises(ValueError, match=r"expects exactly: sample: \[2, 4, 8, 8\] float32"):
+        compiled_jit(torch.randn(2, 4, 16, 16), timestep, ehs)
+    with pytest.raises(ValueError, match="float64"):
+        compiled_jit(sample.double(), timestep, ehs)
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        compiled_jit(sample, timestep, ehs[:, :3])
+    with pytest.raises(ValueError, match="missing"):
+        compiled_jit(sample, timestep)
+    with pytest.raises(ValueError, match=r"compiled without \['class_labels'\]"):
+        compiled_jit(sample, timestep, ehs, class_labels=torch.tensor([1, 2]))
+
+
+def test_pipeline_attributes(tiny_model, compiled_jit):
+    model = tiny_model[0]
+    c = compiled_jit
+    for key in ("in_channels", "out_channels", "sample_size", "time_cond_proj_dim", "addition_embed_type",
+                "cross_attention_dim", "block_out_channels"):
+        assert getattr(c.config, key) == getattr(model.config, key)
+        assert c.config[key] == c.config.get(key)
+    assert c.dtype == torch.float32 and c.device == torch.device("cpu") and c.in_channels == 4
+    assert c.to("cpu") is c and c.eval() is c
+
+
+def test_ddim_scheduler_loop(tiny_model, compiled_jit):
+    """The compiled graph as `pipe.unet` in a 3-step DDIM loop: 0-d int64 timesteps as pipelines pass them."""
+    diffusers = pytest.importorskip("diffusers")
+    model, (sample, _), kwargs = tiny_model
+    latents = {}
+    for name, unet in (("eager", model), ("compiled", compiled_jit)):
+        scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
+        scheduler.set_timesteps(3)
+        x = sample.clone()
+        for t in scheduler.timesteps:
+            with torch.no_grad():
+                eps = unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=kwargs["encoder_hidden_states"]).sample
+            x = scheduler.step(eps, t, x).prev_sample
+        latents[name] = x
+    assert_close_to_eager(latents["compiled"], latents["eager"])
+
+
+def test_config_from_diffusers_unet(tiny_model):
+    """diffusers' FrozenDict config becomes the same `.config` as ours (no compile)."""
+    diffusers = pytest.importorskip("diffusers")
+    from compiled_unet.compile import _config_from_dict, _config_to_dict
+
+    model = tiny_model[0]
+    theirs = diffusers.UNet2DConditionModel(**model.config.to_dict())
+    assert _config_from_dict(_config_to_dict(theirs.config)) == model.config
+
+
+# --------------------------------------------------------------------------------------------------
+# AOTInductor: bucket 0 of the shared bundle is a plain AOT-compiled UNet.
+
+def test_aot_matches_eager(tiny_model, compiled_buckets):
+    model = tiny_model[0]
+    aot = compiled_buckets.buckets[0]
+    ex = bucket_example(0)
+    sample, timestep = ex.pop("sample"), ex.pop("timestep")
+    assert_close_to_eager(aot(sample, timestep, **ex).sample, _eager(model, sample, timestep, **ex))
+
+
+def test_save_is_atomic_and_carries_signature(tmp_path, compiled_buckets):
+    path = compiled_unet.save(compiled_buckets.buckets[0], tmp_path / "unet.pt2")
+    assert os.listdir(tmp_path) == ["unet.pt2"]  # no temporary left behind
+    loaded = compiled_unet.load(path)
+    assert loaded.signature == compiled_buckets.buckets[0].signature
+    assert loaded.config == compiled_buckets.buckets[0].config
+    with pytest.raises(FileNotFoundError):
+        compiled_unet.load(tmp_path / "missing.pt2")
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys
+    import torch
+    import compiled_unet
+    from compiled_unet import unet as unet_module
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was built")
+    unet_module.UNet2DConditionModel.__init__ = refuse
+
+    pt2, inputs_path, out_path = sys.argv[1:]
+    loaded = compiled_unet.load(pt2)
+    inp = torch.load(inputs_path)
+    out = loaded(inp.pop("sample"), inp.pop("timestep"), **inp)
+    assert isinstance(out, compiled_unet.UNet2DConditionOutput)
+    torch.save(out.sample, out_path)
+    banned = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "cases", "passes"))
+    print(json.dumps({"banned": banned, "in_channels": loaded.config.in_channels}))
+""")
+
+
+def test_pt2_round_trip_in_fresh_process(tmp_path, tiny_model, bundle_dir):
+    """load() in a process that imports only torch and compiled_unet and never builds the model."""
+    model = tiny_model[0]
+    ex = bucket_example(0)
+    torch.save(ex, tmp_path / "inputs.pt")
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, os.path.join(bundle_dir, "bucket_0.pt2"),
+                           str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"banned": [], "in_channels": 4}
+    sample, timestep = ex.pop("sample"), ex.pop("timestep")
+    assert_close_to_eager(torch.load(tmp_path / "out.pt"), _eager(model, sample, timestep, **ex))
+
+
+def test_weight_swap_without_recompile(tiny_model, compiled_buckets, bundle_dir):
+    """New weights (a re-randomized state dict) into a loaded package: the new model's outputs, same
+    loaded object, no new files in Inductor's cache."""
+    ex = bucket_example(0)
+    sample, timestep = ex.pop("sample"), ex.pop("timestep")
+    new_model = build("sd", seed=7)
+    derived = compiled_buckets.buckets[0].derive_weights(new_model.state_dict())  # passes only, no compile
+    loaded = compiled_unet.load(os.path.join(bundle_dir, "bucket_0.pt2"))
+    runner, files = loaded._runner.model, inductor_cache_files()
+    before = loaded(sample, timestep, **ex).sample.clone()
+    with pytest.raises(ValueError, match="derive_weights"):
+        loaded.swap_weights(new_model.state_dict())  # original names need the exported program
+    loaded.swap_weights(derived)
+    after = loaded(sample, timestep, **ex).sample
+    assert_close_to_eager(after, _eager(new_model, sample, timestep, **ex))
+    assert (after - before).abs().max() > 1e-2  # the weights really changed
+    assert loaded._runner.model is runner and inductor_cache_files() == files
+
+
+def test_weight_swap_with_model_state_dict_in_process(tiny_model, compiled_buckets, compiled_jit):
+    """In the compiling process, swap_weights takes the UNet's own state_dict (derived through the passes);
+    the shared bucket gets its original weights back afterwards. A frozen jit graph refuses clearly."""
+    model = tiny_model[0]
+    aot = compiled_buckets.buckets[1]
+    ex = bucket_example(1)
+    sample, timestep = ex.pop("sample"), ex.pop("timestep")
+    new_model = build("sd", seed=8)
+    try:
+        aot.swap_weights(new_model.state_dict())
+        assert_close_to_eager(aot(sample, timestep, **ex).sample, _eager(new_model, sample, timestep, **ex))
+    finally:
+        aot.swap_weights(model.state_dict())
+    assert_close_to_eager(aot(sample, timestep, **ex).sample, _eager(model, sample, timestep, **ex))
+    with pytest.raises(ValueError, match="strict"):
+        aot.swap_weights({"conv_in.weight": model.conv_in.weight.detach()})
+    with pytest.raises(RuntimeError, match="frozen"):
+        compiled_jit.swap_weights(new_model.state_dict())
+    loaded = compiled_unet.load(compiled_unet.save(aot, os.path.join(tempfile.mkdtemp(), "b1.pt2")))
+    with pytest.raises(RuntimeError, match="exported program"):
+        loaded.derive_weights(model.state_dict())
+
+
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_jit_and_aot_match_eager():
+    model = build("sd").cuda()
+    ex = {k: v.cuda() if torch.is_tensor(v) else v for k, v in bucket_example(0).items()}
+    sample, timestep = ex.pop("sample"), ex.pop("timestep")
+    ref = _eager(model, sample, timestep, **ex)
+    for options in (InductorOptions(), InductorOptions(aot=True)):
+        c = compiled_unet.compile(model, sample, timestep, options=options, **ex)
+        assert c.device.type == "cuda"
+        assert_close_to_eager(c(sample, timestep, **ex).sample, ref)
