@@ -28,8 +28,8 @@ for a in "$@"; do
   esac
 done
 
-if "$PY" -c "import diffusers" >/dev/null 2>&1; then
-  echo "diffusers $("$PY" -c 'import diffusers; print(diffusers.__version__)') found: baseline = diffusers"
+if DIFFUSERS="$("$PY" -c 'import diffusers; print(diffusers.__version__)' 2>/dev/null)"; then
+  echo "diffusers $DIFFUSERS found: baseline = diffusers"
 else
   echo "diffusers NOT installed: baseline = our eager model; recipe = plain torch.compile of it (said in the table)"
 fi
