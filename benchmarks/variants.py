@@ -145,11 +145,23 @@ class Built:
     keep: Any = None                    # objects that must outlive the run (temporary directories)
 
 
-def _ours_compiled() -> list[str]:
+def _backend_available(name: str) -> bool:
+    """A backend module may define `available()` (e.g. XLA, which needs its own environment)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"compiled_unet.backends.{name}")
+    except ImportError:
+        return False
+    return bool(getattr(module, "available", lambda: True)())
+
+
+def _ours_compiled(only_available: bool = False) -> list[str]:
     """One variant per compiled_unet backend (`ours-<backend>`), plus the AOTInductor runtime."""
     from compiled_unet.backends import BACKENDS
 
-    return [f"ours-{b}" for b in BACKENDS] + (["ours-aot"] if "inductor" in BACKENDS else [])
+    names = [b for b in BACKENDS if not only_available or _backend_available(b)]
+    return [f"ours-{b}" for b in names] + (["ours-aot"] if "inductor" in names else [])
 
 
 def aliases() -> dict[str, str]:
@@ -160,9 +172,11 @@ def aliases() -> dict[str, str]:
 
 
 def variant_names(case_has_diffusers: bool, device: torch.device, everything: bool = False) -> list[str]:
-    """The variants for this device, in table order (by default no AOT package on CUDA: compile budget)."""
+    """The variants for this device, in table order. By default: only backends available here, and no AOT
+    package on CUDA (compile budget); `everything`: every name that may be requested."""
     a, b = ("diffusers-eager", "diffusers-compile") if case_has_diffusers else ("torch-eager", "torch-compile")
-    ours = [n for n in _ours_compiled() if everything or device.type == "cpu" or n != "ours-aot"]
+    ours = [n for n in _ours_compiled(only_available=not everything)
+            if everything or device.type == "cpu" or n != "ours-aot"]
     return [a, b] + (["ours-eager"] if case_has_diffusers else []) + ours
 
 
