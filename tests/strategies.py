@@ -34,7 +34,15 @@ and probed by running it; the families below never draw a combination diffusers 
 - T2I-Adapter residuals cannot reach `SimpleCrossAttnDownBlock2D` / `KCrossAttnDownBlock2D` (no
   `additional_residuals` argument), so we draw at most as many as there are blocks before the first one.
 - ControlNet residuals cannot be added to the `None` skip entries of a final `KCrossAttnDownBlock2D`.
-- `cross_attention_norm="group_norm"` uses 32 groups over `cross_attention_dim`, so it needs 32 | D.
+- `cross_attention_norm="group_norm"` uses 32 groups over `cross_attention_dim`, so it needs 32 | D;
+  `"layer_norm"` builds `LayerNorm(block channels)` but normalises `encoder_hidden_states`, so every
+  SimpleCrossAttn block must have exactly `cross_attention_dim` channels.
+- SimpleCrossAttn (added-KV) attention reshapes heads * head_dim back to the channel count, so its
+  `attention_head_dim` (a head *width* there) must divide the channels; elsewhere any width <= channels works.
+- With masks, SimpleCrossAttn pads the mask by the image-token count only when the lengths differ; when
+  kv_len == h * w at some level the mask stays short and diffusers raises (such draws drop the masks).
+- torch's group_norm refuses groups holding a single value (batch 1, one channel per group, 1x1 map, or
+  one 32-wide token under cross-attention group_norm); such inputs are not drawn.
 - K blocks use 32-channel groups (channels must be multiples of 32), and their up path only lines up for
   some channel/temb patterns (`_k_structure_ok` replays diffusers' channel bookkeeping).
 
@@ -412,7 +420,7 @@ def _config(draw, profile: Profile, max_blocks: int, fixed: dict):
     cfg["conv_out_kernel"] = pick("conv_out_kernel", st.sampled_from((3, 1, 5)))
     cfg["center_input_sample"] = pick("center_input_sample", st.booleans())
     cfg["dropout"] = pick("dropout", st.sampled_from((0.0, 0.1)))  # eval mode: must be a no-op
-    cfg["sample_size"] = pick("sample_size", st.sampled_from((None, 8, 32)))
+    cfg["sample_size"] = pick("sample_size", st.sampled_from((None, 8, 32, (8, 12))))
     sample_channels = draw(st.integers(1, 5))
     cfg["out_channels"] = pick("out_channels", st.integers(1, 5))
 
@@ -427,7 +435,8 @@ def _config(draw, profile: Profile, max_blocks: int, fixed: dict):
         # The first K up block only skips its concat when in == out == temb: let temb hit a block width.
         ted = pick("time_embedding_dim", st.sampled_from(tuple(sorted(set(channels))) + (None,)))
     else:
-        ted = pick("time_embedding_dim", st.sampled_from((None, None, 8, 12, 20)))
+        odd = (9,) if cfg["time_embedding_type"] == "positional" else ()  # fourier needs an even width
+        ted = pick("time_embedding_dim", st.sampled_from((None, None, 8, 12, 20) + odd))
     cfg["time_embedding_dim"] = ted
 
     # --- class / addition / encoder projection --------------------------------------------------------
@@ -475,6 +484,11 @@ def _config(draw, profile: Profile, max_blocks: int, fixed: dict):
         temb = _time_embed_dims(cfg)[1]
         assume(_k_structure_ok(down, up, channels, layers_t, temb))
 
+    # --- spell some block types with the "UNetRes" prefix diffusers also accepts ----------------------
+    if "down_block_types" not in fixed and draw(st.integers(0, 7)) == 0:
+        cfg["down_block_types"] = tuple("UNetRes" + b if draw(st.booleans()) else b for b in down)
+        cfg["up_block_types"] = tuple("UNetRes" + b if draw(st.booleans()) else b for b in up)
+
     # --- drop some keys that equal diffusers' defaults, so defaults get exercised too -----------------
     if draw(st.booleans()):
         for key in list(cfg):
@@ -500,9 +514,16 @@ def unet_configs(*, families=None, max_blocks: int = 3, **fixed):
 # Facts about a config that the inputs depend on
 
 
+def canonical_block(name: str | None) -> str | None:
+    """diffusers' get_down_block/get_up_block strip a leading "UNetRes" from block type names."""
+    return name[7:] if name is not None and name.startswith("UNetRes") else name
+
+
 def _resolved(cfg):
     c = dict(DEFAULTS)
     c.update(cfg)
+    c["down_block_types"] = tuple(canonical_block(b) for b in c["down_block_types"])
+    c["up_block_types"] = tuple(canonical_block(b) for b in c["up_block_types"])
     return c
 
 
@@ -678,6 +699,8 @@ def input_specs(draw, cfg: dict):
         gligen = draw(st.integers(0, 3))
     height, width = draw(sides), draw(sides)
     seq_len = draw(st.integers(1, 5))
+    if c["cross_attention_norm"] == "group_norm" and batch == 1 and kv_length(cfg, seq_len) == 1:
+        seq_len = 2  # group-normalising a single token of width 32 in 32 groups: torch refuses 1 value/group
     if (enc_mask or attn_mask) and f["simple_attention"]:
         # AttnAddedKVProcessor pads the mask by the image-token count only when the mask length differs
         # from it; when kv_len == h * w at some level the mask stays short and diffusers raises.
