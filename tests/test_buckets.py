@@ -34,7 +34,8 @@ def test_dispatch_by_shape_matches_eager_without_recompiles(tiny_model, compiled
         for i in range(len(BUCKET_SHAPES)):
             sample, timestep, kw = _split(bucket_example(i))
             assert compiled_buckets.select(sample, timestep, **kw) is compiled_buckets.buckets[i]
-            assert_close_to_eager(compiled_buckets(sample, timestep, **kw).sample, _eager(model, sample, timestep, **kw))
+            out = compiled_buckets(sample, timestep, **kw).sample
+            assert_close_to_eager(out, _eager(model, sample, timestep, **kw))
     # Each bucket is its own AOTInductor package: nothing was traced or compiled by these calls.
     assert dict(counters["stats"]) == stats and inductor_cache_files() == files
     assert [b._runner.model for b in compiled_buckets.buckets] == runners
@@ -44,7 +45,8 @@ def test_dispatch_by_shape_matches_eager_without_recompiles(tiny_model, compiled
 def test_outside_the_bundle_lists_available_shapes(compiled_buckets):
     sample, timestep, kw = _split(bucket_example(0))
     with pytest.raises(ValueError, match=r"no compiled bucket for inputs \{'sample': \[3, 4, 8, 8\]") as e:
-        compiled_buckets(torch.randn(3, 4, 8, 8), torch.full((3,), 5.0), kw["encoder_hidden_states"][:1].expand(3, -1, -1))
+        ehs = kw["encoder_hidden_states"][:1].expand(3, -1, -1)
+        compiled_buckets(torch.randn(3, 4, 8, 8), torch.full((3,), 5.0), ehs)
     msg = str(e.value)
     assert "sample: [2, 4, 8, 8]" in msg and "sample: [1, 4, 8, 16]" in msg and "encoder_attention_mask: [1, 5]" in msg
     # the 8x16 shape exists only with an encoder mask: without it, no bucket matches
@@ -89,4 +91,5 @@ def test_bucket_inputs_for_sdxl_config():
     cfg = UNetConfig.from_dict({**BASE, **CONFIGS["sdxl"]})
     ex = bucket_inputs(cfg, 2, 8, 12, seq_len=5)
     assert ex["sample"].shape == (2, 4, 8, 12) and ex["encoder_hidden_states"].shape == (2, 5, 8)
-    assert ex["added_cond_kwargs"]["text_embeds"].shape == (2, 8) and ex["added_cond_kwargs"]["time_ids"].shape == (2, 6)
+    added = ex["added_cond_kwargs"]
+    assert added["text_embeds"].shape == (2, 8) and added["time_ids"].shape == (2, 6)

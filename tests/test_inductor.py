@@ -124,7 +124,8 @@ def test_ddim_scheduler_loop(tiny_model, compiled_jit):
         x = sample.clone()
         for t in scheduler.timesteps:
             with torch.no_grad():
-                eps = unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=kwargs["encoder_hidden_states"]).sample
+                x_in = scheduler.scale_model_input(x, t)
+                eps = unet(x_in, t, encoder_hidden_states=kwargs["encoder_hidden_states"]).sample
             x = scheduler.step(eps, t, x).prev_sample
         latents[name] = x
     assert_close_to_eager(latents["compiled"], latents["eager"])
