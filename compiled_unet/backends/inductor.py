@@ -17,6 +17,7 @@ import time
 from typing import Any, Mapping
 
 import torch
+import torch._inductor.config  # noqa: F401 - patched while the first call compiles
 import torch.utils._pytree as pytree
 
 # The per-device defaults: the ONLY place they live. jit and aot differ in freezing: a frozen AOT package
@@ -107,7 +108,11 @@ class JitRunner:
         self.compiled = torch.compile(self.module, backend="inductor", options=options.config(),
                                       fullgraph=True, dynamic=False)
         t0 = time.perf_counter()
-        self(args, kwargs, allow_compile=True)
+        # Compilation happens on this first call. Some entries (notably `freezing`, which enables CPU
+        # weight prepacking into oneDNN/MKL kernels) are read outside torch.compile's `options` patch,
+        # so they must be set globally while it compiles.
+        with torch._inductor.config.patch(options.config()):
+            self(args, kwargs, allow_compile=True)
         self.compile_seconds = time.perf_counter() - t0
 
     def __call__(self, args: tuple, kwargs: dict, allow_compile: bool = False):
