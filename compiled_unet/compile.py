@@ -310,6 +310,34 @@ class CompiledUNet(torch.nn.Module):
         self._runner.load_constants({k: v.to(self.device) for k, v in state_dict.items()})
 
 
+class XlaRunner:
+    """dynamo's openxla backend on the XLA device (torch_xla; PJRT_DEVICE=CPU here, TPU in production).
+
+    Compiles on the example inputs at construction; later calls with the same shapes reuse the executable.
+    Inputs and outputs stay on their own device (moved to and from XLA per call)."""
+
+    kind = "xla"
+
+    def __init__(self, ep: ExportedProgram, args: tuple, kwargs: dict):
+        from .backends.xla import compile_openxla
+
+        self.module = compile_openxla(ep)
+        self._kwarg_names = list(ep.call_spec.in_spec.children_specs[1].context)
+        self(args, kwargs)
+        self.compile_seconds = self.module.compile_seconds
+
+    def __call__(self, args: tuple, kwargs: dict):
+        return tuple(self.module(*args, **{k: kwargs[k] for k in self._kwarg_names}))
+
+    def constant_names(self) -> list[str]:
+        program = self.module.program
+        return list(program.state_dict) + list(program.constants)
+
+    def load_constants(self, tensors) -> None:
+        raise NotImplementedError("swap_weights is not supported on the xla backend yet: compile again, or use "
+                                  "StableHLO artifacts (compiled_unet.backends.xla.export_stablehlo) per weight set")
+
+
 def _run_passes(ep: ExportedProgram, passes_spec):
     if passes_spec is None:
         return ep, None
@@ -330,6 +358,8 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
     A number timestep becomes a float32 tensor of shape [batch] so that it stays a graph input.
     """
     check_backend(backend)
+    if backend == "xla" and options is not None:
+        raise ValueError("options are InductorOptions; the xla backend takes none (leave options=None)")
     options = InductorOptions() if options is None else options
     if not isinstance(options, InductorOptions):
         raise TypeError(f"options must be InductorOptions, got {type(options).__name__}")
@@ -349,6 +379,11 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
     optimized, report = _run_passes(exported, passes)
     signature = Signature.from_example(sample, timestep, kwargs)
     config_dict = _config_to_dict(config)
+    if backend == "xla":
+        args, kw = signature.bind(sample, timestep, kwargs)
+        runner = XlaRunner(optimized, args, kw)
+        return CompiledUNet(runner, signature, _config_from_dict(config_dict), exported=exported,
+                            optimized=optimized, passes=passes, report=report)
     resolved = options.resolve(sample.device)
     if resolved.aot:
         runner = AotRunner.compile(optimized, resolved, _metadata(signature, config_dict, resolved))

@@ -35,3 +35,14 @@ def test_entry_points_say_how_to_get_xla(no_torch_xla, call, tmp_path):
 
 def test_available_is_false(no_torch_xla):
     assert xla.available() is False
+
+
+def test_compile_backend_xla_says_how_to_get_xla(no_torch_xla):
+    import compiled_unet
+    from tests.cases import build, inputs_for
+    args, kwargs = inputs_for("sd")
+    with pytest.raises(xla.XLAEnvironmentMissing, match="^XLA environment missing"):
+        compiled_unet.compile(build("sd"), *args, backend="xla", passes=None, **kwargs)
+    with pytest.raises(ValueError, match="xla backend takes none"):
+        from compiled_unet.backends import InductorOptions
+        compiled_unet.compile(build("sd"), *args, backend="xla", options=InductorOptions(), **kwargs)

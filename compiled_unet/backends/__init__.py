@@ -1,7 +1,8 @@
 """Compiler backends for exported UNet graphs. Each backend module owns its options type and runners."""
 from .inductor import AotRunner, InductorOptions, JitRunner
 
-BACKENDS = ("inductor",)
+# "xla" needs torch_xla (the .venv-xla environment); without it compile(backend="xla") says how to get it.
+BACKENDS = ("inductor", "xla")
 
 
 def check_backend(name: str) -> str:

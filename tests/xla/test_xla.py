@@ -146,3 +146,16 @@ def test_xla_errors_are_clear_without_torch_xla(monkeypatch, case):
     with pytest.raises(xla.XLAEnvironmentMissing, match="^XLA environment missing: run bash scripts/env_xla.sh"):
         xla.compile_openxla(case["ep"])
     assert not xla.available()
+
+
+def test_compile_backend_xla_matches_eager(case):
+    """`compiled_unet.compile(..., backend="xla")`: export -> passes -> openxla, behind the UNet's signature."""
+    model = build("sd")
+    args, kwargs = case["args"], case["kwargs"]
+    compiled = compiled_unet.compile(model, *args, backend="xla", **kwargs)
+    assert compiled.report is not None and compiled.report.rewrites["fuse_qkv"] > 0
+    out = compiled(*args, **kwargs)
+    _assert_close(out.sample, case["ref"])
+    _assert_close(compiled(*case["args2"], **case["kwargs2"], return_dict=False)[0], case["ref2"])
+    with pytest.raises(ValueError, match="sample"):
+        compiled(torch.randn(1, 4, 8, 8), args[1][:1], **kwargs)
