@@ -141,7 +141,9 @@ class Signature:
             return timestep
         t = torch.as_tensor(timestep, device=self.device)
         if tuple(t.shape) != leaf.shape and t.numel() == 1:
-            t = t.reshape(()).expand(leaf.shape)
+            # A real copy: an expanded size-1 tensor keeps stride 0 through `.contiguous()`, and dynamo's
+            # stride guard would then see a different input than the one compiled (a recompile).
+            t = t.reshape(()).expand(leaf.shape).clone(memory_format=torch.contiguous_format)
         return t.to(getattr(torch, leaf.dtype)).contiguous()
 
     def _error(self, what: str) -> ValueError:

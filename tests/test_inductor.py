@@ -254,3 +254,14 @@ def test_cuda_jit_and_aot_match_eager():
         c = compiled_unet.compile(model, sample, timestep, options=options, **ex)
         assert c.device.type == "cuda"
         assert_close_to_eager(c(sample, timestep, **ex).sample, ref)
+
+
+def test_scalar_timestep_binds_to_a_dense_tensor_for_batch_one():
+    """Regression: a 0-d timestep expanded to batch 1 kept stride 0 through .contiguous(), and dynamo's
+    stride guard then refused the call as a recompile (seen in examples/scheduler_loop.py)."""
+    from compiled_unet.compile import Signature
+    sample = torch.randn(1, 4, 8, 8)
+    sig = Signature.from_example(sample, torch.tensor([999.0]), {"encoder_hidden_states": torch.randn(1, 5, 8)})
+    args, _ = sig.bind(sample, torch.tensor(981), {"encoder_hidden_states": torch.randn(1, 5, 8)})
+    assert args[1].shape == (1,) and args[1].stride() == (1,) and args[1].dtype == torch.float32
+    assert args[1].item() == 981.0
