@@ -123,6 +123,12 @@ class _ExplicitAttn:
         return out / attn.rescale_output_factor
 
 
+def _check_slice_size(slice_size) -> int:
+    if not isinstance(slice_size, int) or isinstance(slice_size, bool) or slice_size < 1:
+        raise ValueError(f"slice_size must be a positive int, got {slice_size!r}")
+    return slice_size
+
+
 class AttnProcessor(_ExplicitAttn):
     """diffusers' `AttnProcessor`: explicit baddbmm/softmax/bmm attention."""
 
@@ -131,9 +137,7 @@ class SlicedAttnProcessor(_ExplicitAttn):
     """diffusers' `SlicedAttnProcessor`: explicit attention, `slice_size` rows of (batch x heads) at a time."""
 
     def __init__(self, slice_size: int):
-        if not isinstance(slice_size, int) or slice_size < 1:
-            raise ValueError(f"slice_size must be a positive int, got {slice_size!r}")
-        self.slice_size = slice_size
+        self.slice_size = _check_slice_size(slice_size)
 
 
 class _ExplicitAddedKVAttn:
@@ -168,9 +172,7 @@ class SlicedAttnAddedKVProcessor(_ExplicitAddedKVAttn):
     """diffusers' `SlicedAttnAddedKVProcessor`: added-KV attention, `slice_size` rows of (batch x heads) at a time."""
 
     def __init__(self, slice_size: int):
-        if not isinstance(slice_size, int) or slice_size < 1:
-            raise ValueError(f"slice_size must be a positive int, got {slice_size!r}")
-        self.slice_size = slice_size
+        self.slice_size = _check_slice_size(slice_size)
 
 
 def _added_kv_projections(attn, hidden_states, encoder_hidden_states):
