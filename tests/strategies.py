@@ -302,12 +302,8 @@ def _config(draw, profile: Profile, max_blocks: int, fixed: dict):
     else:
         n = draw(st.integers(p.min_blocks, max(p.min_blocks, max_blocks)))
         down = _per_block(draw, n, p.down)
-    if p.name == "k":
-        # The final K down block decides whether up block 0 sees a skip; mirror often so it lines up.
-        mirror = draw(st.booleans())
-    else:
-        mirror = {"always": True, "never": False}.get(p.mirror, None)
-        mirror = draw(st.booleans()) if mirror is None else mirror
+    mirror = {"always": True, "never": False}.get(p.mirror)
+    mirror = draw(st.booleans()) if mirror is None else mirror
     up = tuple(TWIN[b] for b in reversed(down)) if mirror else _per_block(draw, n, p.up)
     up = tuple(fixed.get("up_block_types", up))
     mid = pick("mid_block_type", st.sampled_from(p.mids))
@@ -320,7 +316,7 @@ def _config(draw, profile: Profile, max_blocks: int, fixed: dict):
     channels = tuple(fixed.get("block_out_channels", _per_block(draw, n, channel_pool)))
     layers = pick("layers_per_block", st.just(None))
     if layers is None:
-        layers = _int_or_tuple(draw, n, (1, 2) if p.name != "k" else (1, 2))
+        layers = _int_or_tuple(draw, n, (1, 2))
     layers_t = _as_tuple(layers, n)
 
     cfg = dict(down_block_types=down, up_block_types=up, mid_block_type=mid, block_out_channels=channels,
@@ -362,7 +358,7 @@ def _config(draw, profile: Profile, max_blocks: int, fixed: dict):
         else:
             cfg["attention_head_dim"] = tuple(draw(st.sampled_from(pool(must_divide[i]))) for i in range(n))
 
-    enc_type, add_type = fixed.get("_additions") or draw(st.sampled_from(p.additions))
+    enc_type, add_type = draw(st.sampled_from(p.additions))
     enc_type = fixed.get("encoder_hid_dim_type", enc_type)
     add_type = fixed.get("addition_embed_type", add_type)
     attention_type = pick("attention_type", st.sampled_from(p.attention_types))
