@@ -29,10 +29,12 @@ class FreeUScales(nn.Module):
             self.s.fill_(float(s))
 
     def _apply(self, fn, recurse=True):
+        # A dtype cast (model.half()) must not round the scales; device moves still apply. So keep the
+        # float32 values and take only the device from what `fn` made of them.
+        saved = dict(self._buffers)
         super()._apply(fn, recurse)
-        # A dtype cast (model.half()) must not round the scales; device moves still apply.
-        self.b = self.b.float()
-        self.s = self.s.float()
+        for name, old in saved.items():
+            self._buffers[name] = old.to(device=self._buffers[name].device, dtype=torch.float32)
         return self
 
     def forward(self, hidden_states: torch.Tensor, res_hidden_states: torch.Tensor):
