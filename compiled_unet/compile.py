@@ -23,6 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 
+from ._pytree import children as _children
 from .backends import AotRunner, InductorOptions, JitRunner, check_backend
 from .config import UNetConfig
 from .unet import UNet2DConditionOutput
@@ -324,7 +325,7 @@ class XlaRunner:
         from .backends.xla import compile_openxla
 
         self.module = compile_openxla(ep)
-        self._kwarg_names = list(ep.call_spec.in_spec.children_specs[1].context)
+        self._kwarg_names = list(_children(ep.call_spec.in_spec)[1].context)
         self(args, kwargs)
         self.compile_seconds = self.module.compile_seconds
 

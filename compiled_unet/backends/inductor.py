@@ -20,6 +20,8 @@ import torch
 import torch._inductor.config  # noqa: F401 - patched while the first call compiles
 import torch.utils._pytree as pytree
 
+from .._pytree import children as _children
+
 # The per-device defaults: the ONLY place they live. jit and aot differ in freezing: a frozen AOT package
 # bakes weights (and CPU weight prepacking) into derived constants, so `swap_weights` could not reach them.
 _DEFAULTS = {
@@ -116,7 +118,7 @@ class JitRunner:
         self.compile_seconds = time.perf_counter() - t0
 
     def __call__(self, args: tuple, kwargs: dict, allow_compile: bool = False):
-        flat = pytree.tree_flatten((args, {k: kwargs[k] for k in self.in_spec.children_specs[1].context}))[0]
+        flat = pytree.tree_flatten((args, {k: kwargs[k] for k in _children(self.in_spec)[1].context}))[0]
         with torch.no_grad(), (contextlib.nullcontext() if allow_compile else _no_recompile()):
             out = self.compiled(*flat)
         return pytree.tree_unflatten(list(out), self.out_spec)

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from .._pytree import children as _children
+
 FORMAT = "compiled_unet.xla-stablehlo/1"
 MANIFEST = "compiled_unet_xla.json"
 ENV_HINT = ("run bash scripts/env_xla.sh, then use .venv-xla/bin/python (torch 2.9.1 + torch-xla 2.9.0; "
@@ -106,9 +108,9 @@ def _reorder(value, spec, name: str):
             raise ValueError(f"{name or 'keyword arguments'}: the program was exported with keys {list(spec.context)}"
                              + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
         return {k: _reorder(value[k], s, f"{name}[{k!r}]" if name else k)
-                for k, s in zip(spec.context, spec.children_specs)}
-    if spec.type in (tuple, list) and isinstance(value, (tuple, list)) and len(value) == len(spec.children_specs):
-        return spec.type(_reorder(v, s, f"{name}[{i}]") for i, (v, s) in enumerate(zip(value, spec.children_specs)))
+                for k, s in zip(spec.context, _children(spec))}
+    if spec.type in (tuple, list) and isinstance(value, (tuple, list)) and len(value) == len(_children(spec)):
+        return spec.type(_reorder(v, s, f"{name}[{i}]") for i, (v, s) in enumerate(zip(value, _children(spec))))
     return value
 
 
@@ -120,9 +122,9 @@ FORWARD_ARGS = ("encoder_hidden_states", "class_labels", "timestep_cond", "atten
 
 def _bind(in_spec, constants: dict[int, Any], args: tuple, kwargs: dict) -> list:
     """Flatten a call (args, kwargs) against `in_spec`; fill and check the exported constant leaves."""
-    arg_spec, kw_spec = in_spec.children_specs
+    arg_spec, kw_spec = _children(in_spec)
     kwargs = dict(kwargs)
-    n = len(arg_spec.children_specs)
+    n = len(_children(arg_spec))
     if len(args) > n and n == 2 and len(args) <= n + len(FORWARD_ARGS):
         for key, value in zip(FORWARD_ARGS, args[n:]):
             if key in kwargs:
@@ -130,13 +132,13 @@ def _bind(in_spec, constants: dict[int, Any], args: tuple, kwargs: dict) -> list
             kwargs[key] = value
         args = args[:n]
     for i, key in enumerate(kw_spec.context):   # constants left out (e.g. return_dict) take the exported value
-        if key not in kwargs and kw_spec.children_specs[i].is_leaf():
-            pos = arg_spec.num_leaves + sum(s.num_leaves for s in kw_spec.children_specs[:i])
+        if key not in kwargs and _children(kw_spec)[i].is_leaf():
+            pos = arg_spec.num_leaves + sum(s.num_leaves for s in _children(kw_spec)[:i])
             if pos in constants:
                 kwargs[key] = constants[pos]
-    if len(args) != len(arg_spec.children_specs):
-        raise ValueError(f"expected {len(arg_spec.children_specs)} positional inputs (sample, timestep), got {len(args)}")
-    bound = (tuple(_reorder(a, s, f"args[{i}]") for i, (a, s) in enumerate(zip(args, arg_spec.children_specs))),
+    if len(args) != len(_children(arg_spec)):
+        raise ValueError(f"expected {len(_children(arg_spec))} positional inputs (sample, timestep), got {len(args)}")
+    bound = (tuple(_reorder(a, s, f"args[{i}]") for i, (a, s) in enumerate(zip(args, _children(arg_spec)))),
              _reorder(kwargs, kw_spec, ""))
     leaves, spec = pytree.tree_flatten(bound)
     if spec != in_spec:
