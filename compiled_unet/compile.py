@@ -356,7 +356,8 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
 
     unet: `compiled_unet.UNet2DConditionModel`, diffusers' `UNet2DConditionModel`, or an ExportedProgram of
         either (exported with these inputs; pass `config=` to give it a `.config`).
-    passes: "default" (passes.DEFAULT_PASSES), None (no passes) or a list of pass functions.
+    passes: "default" (`passes.default_passes(device)`: DEFAULT_PASSES, plus CPU_PASSES for Inductor on CPU),
+        None (no passes) or a list of pass functions.
     options: InductorOptions (None: per-device defaults).
     A number timestep becomes a float32 tensor of shape [batch] so that it stays a graph input.
     """
@@ -369,6 +370,11 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
     if not (passes is None or passes == "default" or isinstance(passes, (list, tuple))):
         raise ValueError(f"passes must be 'default', None or a list of passes, got {passes!r}")
     forward_kwargs.pop("return_dict", None)
+    if passes == "default":
+        import passes as graph_passes  # the parameter shadows the package's name here
+
+        # CPU Inductor adds CPU_PASSES (linear layers as oneDNN 1x1 convolutions); XLA and CUDA do not.
+        passes = list(graph_passes.DEFAULT_PASSES if backend == "xla" else graph_passes.default_passes(sample.device))
     if not torch.is_tensor(timestep):
         timestep = torch.full((sample.shape[0],), float(timestep), device=sample.device)
     kwargs = {"encoder_hidden_states": encoder_hidden_states, **forward_kwargs}

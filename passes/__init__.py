@@ -14,6 +14,8 @@ aten.scaled_dot_product_attention, in-place slice writes). Matchers are hand-wri
 than traced pattern functions because static shapes appear as literal arguments (view sizes,
 repeat counts) that a traced pattern would pin to one shape.
 """
+import torch
+
 from ._context import OptimizeConfig, PassContext
 from ._runner import PassReport, PassStat, cleanup, op_counts, optimize, pass_name
 from .attention_mask import broadcast_attention_mask
@@ -23,6 +25,7 @@ from .fold_channel_scale import fold_channel_scale
 from .freeu_backbone import freeu_backbone
 from .freeu_fourier import freeu_fourier
 from .fuse_qkv import fuse_qkv
+from .linear_to_conv1x1 import linear_to_conv1x1
 from .remove_asserts import remove_asserts
 from .remove_dropout import remove_dropout
 from .remove_noops import remove_noops
@@ -44,9 +47,19 @@ DEFAULT_PASSES = (
     constant_fold,
 )
 
+# Device-specific additions, run after the default list (see each pass's docstring for the measurement).
+CPU_PASSES = (linear_to_conv1x1,)
+
+
+def default_passes(device=None) -> tuple:
+    """The default pass list for a target device: DEFAULT_PASSES, plus CPU_PASSES on CPU."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    return DEFAULT_PASSES + (CPU_PASSES if kind == "cpu" else ())
+
+
 __all__ = [
-    "DEFAULT_PASSES", "OptimizeConfig", "PassContext", "PassReport", "PassStat", "SliceAttention", "attention_to_sdpa",
-    "broadcast_attention_mask", "cleanup", "constant_fold", "fold_channel_scale", "freeu_backbone", "freeu_fourier",
-    "fuse_qkv", "merge_sliced_attention", "op_counts", "optimize", "pass_name", "remove_asserts", "remove_dropout",
+    "CPU_PASSES", "DEFAULT_PASSES", "OptimizeConfig", "PassContext", "PassReport", "PassStat", "SliceAttention", "attention_to_sdpa",
+    "broadcast_attention_mask", "cleanup", "constant_fold", "default_passes", "fold_channel_scale", "freeu_backbone", "freeu_fourier",
+    "fuse_qkv", "linear_to_conv1x1", "merge_sliced_attention", "op_counts", "optimize", "pass_name", "remove_asserts", "remove_dropout",
     "remove_noops",
 ]
