@@ -1,27 +1,10 @@
 """Atomic file writes (write a temporary file in the same folder, then rename) and a locked append."""
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
-import tempfile
 
-
-def write_atomic(path: str, data: str | bytes) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+from compiled_unet._atomic import write_atomic  # noqa: F401 - re-exported for the benchmark modules
 
 
 def append_row_atomic(path: str, header: str, row: str) -> str:

@@ -121,42 +121,12 @@ def cmd_inspect(args) -> int:
     report = inspect_program(ep, pass_report)
     print(report.to_json() if args.format == "json" else report.text())
     if args.svg:
-        _write_atomic(args.svg, block_svg(report, title=f"{title}{' (optimized)' if args.passes else ''}"))
+        from ._atomic import write_atomic
+
+        write_atomic(args.svg, block_svg(report, title=f"{title}{' (optimized)' if args.passes else ''}"))
         if args.format != "json":
             print(f"\nblock picture written to {args.svg}")
     return 0
-
-
-def _write_atomic(path: str, text: str) -> None:
-    import os
-    import tempfile
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-# ---- bench: a thin call into benchmarks/bench.py (the benchmark suite's own code and options) ----------
-def cmd_bench(argv: list) -> int:
-    """`compiled-unet bench ARGS` == `python -m benchmarks.bench ARGS`; benchmarks/ lives in the source checkout."""
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "benchmarks", "bench.py")):
-        raise UserError("bench runs from a source checkout (benchmarks/ is not part of the installed package)")
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from benchmarks.bench import main as bench_main
-
-    return bench_main(argv)
-# ---- end bench -----------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
