@@ -414,7 +414,8 @@ def _metadata(signature: Signature, config: dict | None, options: InductorOption
 
 def _tmp_path(path: str) -> str:
     d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{base}.tmp-{os.getpid()}")
+    # Ends in .pt2: aoti_compile_and_package refuses any other package path.
+    return os.path.join(d, f".{base}.tmp-{os.getpid()}.pt2")
 
 
 def save(compiled: CompiledUNet, path: str | os.PathLike) -> str:
