@@ -35,3 +35,17 @@ def test_inductor_matches_eager_on_drawn_configs(data):
     scale = max(1.0, ref.abs().max().item())
     err = (out - ref).abs().max().item()
     assert err <= 1e-4 * scale, f"{S.describe_spec(spec)}: max-abs {err:.3e} > 1e-4 x {scale:.3f}"
+
+
+def test_compile_accepts_diffusers_unet():
+    """compile() takes diffusers' own UNet2DConditionModel: export -> passes -> Inductor, equal to its eager."""
+    diffusers = pytest.importorskip("diffusers")
+    from tests.cases import BASE, inputs_for
+    model = randomize_(diffusers.UNet2DConditionModel(**BASE)).eval()
+    (sample, timestep), kwargs = inputs_for("sd")
+    with torch.no_grad():
+        ref = model(sample, timestep, **kwargs).sample
+    compiled = compiled_unet.compile(model, sample, timestep, **kwargs)
+    assert compiled.config.block_out_channels == (8, 16)  # diffusers' config, converted
+    out = compiled(sample, timestep, **kwargs).sample
+    assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
