@@ -292,6 +292,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+# ---- bench: a thin call into benchmarks/bench.py (the benchmark suite's own code and options) ----------
+def cmd_bench(argv: list) -> int:
+    """`compiled-unet bench ARGS` == `python -m benchmarks.bench ARGS`; benchmarks/ lives in the source checkout."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "bench.py")):
+        raise UserError("bench runs from a source checkout (benchmarks/ is not part of the installed package)")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.bench import main as bench_main
+
+    return bench_main(argv)
+# ---- end bench -----------------------------------------------------------------------------------------
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # all of its arguments belong to benchmarks.bench
