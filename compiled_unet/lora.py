@@ -82,6 +82,13 @@ class _Scalars(nn.Module):
 class _LoRAMixin:
     """Adapter bookkeeping shared by `LoRALinear` and `LoRAConv2d` (the base layer's forward is `_base`)."""
 
+    def _adopt(self, base: nn.Module):
+        """Take over `base`'s own weight and bias Parameters (state_dict keys unchanged) and its mode."""
+        self.weight, self.bias = base.weight, base.bias
+        self._init_lora(base)
+        self.train(base.training)
+        return self
+
     def _init_lora(self, base: nn.Module) -> None:
         self.lora_A, self.lora_B, self.lora_scaling = nn.ModuleDict(), nn.ModuleDict(), _Scalars()
         self.lora_alpha: dict[str, float] = {}
@@ -127,10 +134,7 @@ class LoRALinear(_LoRAMixin, nn.Linear):
     @classmethod
     def wrap(cls, base: nn.Linear) -> "LoRALinear":
         layer = cls(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        layer.weight, layer.bias = base.weight, base.bias
-        layer._init_lora(base)
-        layer.train(base.training)
-        return layer
+        return layer._adopt(base)
 
     def new_adapter(self, rank: int) -> tuple[nn.Module, nn.Module]:
         kw = dict(device=self.weight.device, dtype=self.weight.dtype)
@@ -148,10 +152,7 @@ class LoRAConv2d(_LoRAMixin, nn.Conv2d):
         layer = cls(base.in_channels, base.out_channels, base.kernel_size, stride=base.stride, padding=base.padding,
                     dilation=base.dilation, groups=base.groups, bias=base.bias is not None,
                     padding_mode=base.padding_mode, device="meta")
-        layer.weight, layer.bias = base.weight, base.bias
-        layer._init_lora(base)
-        layer.train(base.training)
-        return layer
+        return layer._adopt(base)
 
     def new_adapter(self, rank: int) -> tuple[nn.Module, nn.Module]:
         kw = dict(device=self.weight.device, dtype=self.weight.dtype)
