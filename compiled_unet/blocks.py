@@ -78,6 +78,12 @@ def _attentions_first(block: nn.Module) -> None:
                           **{k: v for k, v in block._modules.items() if k != "attentions"}}
 
 
+def _transformers(a: BlockArgs) -> nn.ModuleList:
+    """One Transformer2DModel per layer of a cross-attention down/up block."""
+    layers = _per_layer(a.transformer_layers_per_block, a.num_layers)
+    return nn.ModuleList([_transformer(a, a.out_channels, layers[i]) for i in range(a.num_layers)])
+
+
 def _per_layer(value, n: int) -> list:
     return [value] * n if isinstance(value, int) else list(value)
 
@@ -181,8 +187,7 @@ class CrossAttnDownBlock2D(DownBlock2D):
 
     def __init__(self, a: BlockArgs):
         super().__init__(a)
-        layers = _per_layer(a.transformer_layers_per_block, a.num_layers)
-        self.attentions = nn.ModuleList([_transformer(a, a.out_channels, layers[i]) for i in range(a.num_layers)])
+        self.attentions = _transformers(a)
         _attentions_first(self)
 
 
@@ -435,8 +440,7 @@ class CrossAttnUpBlock2D(UpBlock2D):
 
     def __init__(self, a: BlockArgs):
         super().__init__(a)
-        layers = _per_layer(a.transformer_layers_per_block, a.num_layers)
-        self.attentions = nn.ModuleList([_transformer(a, a.out_channels, layers[i]) for i in range(a.num_layers)])
+        self.attentions = _transformers(a)
         _attentions_first(self)
 
 
