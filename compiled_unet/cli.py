@@ -178,6 +178,8 @@ def cmd_compile(args) -> int:
     shapes = _parse_shapes(args.shapes)
     if args.backend not in ("inductor", "xla"):
         raise UserError(f"--backend {args.backend!r}: expected inductor or xla")
+    if args.backend == "xla" and args.freezing is not None:
+        raise UserError("--freezing/--no-freezing: an inductor option; the xla backend takes none")
     if args.backend == "xla" and len(shapes) != 1:
         raise UserError("--backend xla: one shape per StableHLO artifact (give one --shapes entry)")
     if args.backend == "xla":
@@ -196,15 +198,16 @@ def cmd_compile(args) -> int:
         ex = dict(examples[0])
         ep = export(model, ex.pop("sample"), ex.pop("timestep"), **ex)
         xla.export_stablehlo(ep, args.output, optimize=True)
-    elif len(shapes) == 1:
-        from . import compile as compile_unet, save
-        from .backends import InductorOptions
-        ex = dict(examples[0])
-        compiled = compile_unet(model, ex.pop("sample"), ex.pop("timestep"), options=InductorOptions(aot=True), **ex)
-        save(compiled, args.output)
     else:
-        from .buckets import compile_buckets
-        compile_buckets(model, examples).save(args.output)
+        from .backends import InductorOptions
+        options = InductorOptions(aot=True, freezing=args.freezing)
+        if len(shapes) == 1:
+            from . import compile as compile_unet, save
+            ex = dict(examples[0])
+            save(compile_unet(model, ex.pop("sample"), ex.pop("timestep"), options=options, **ex), args.output)
+        else:
+            from .buckets import compile_buckets
+            compile_buckets(model, examples, options=options).save(args.output)
     size = (sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args.output) for f in fs)
             if os.path.isdir(args.output) else os.path.getsize(args.output))
     print(f"[compile] done in {time.perf_counter() - t0:.1f} s; artifact: {args.output} ({size / 2**20:.1f} MiB)")
@@ -335,6 +338,9 @@ def main(argv=None) -> int:
     comp.add_argument("--seq", type=int, default=None, help="text tokens (default: the preset's, 77 for checkpoints)")
     comp.add_argument("--backend", default="inductor", help="inductor (AOTInductor .pt2 / bucket folder) or xla")
     comp.add_argument("-o", "--output", required=True, help="artifact path (.pt2 file, or a folder for buckets/xla)")
+    comp.add_argument("--freezing", action=argparse.BooleanOptionalAction, default=None,
+                      help="inductor: bake weights into the package (CPU default: on, weights prepacked for oneDNN); "
+                           "--no-freezing keeps them swappable with swap_weights")
     comp.set_defaults(fn=cmd_compile)
 
     run = sub.add_parser("run", help="load an artifact and run it on random or given inputs")

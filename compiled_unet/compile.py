@@ -266,9 +266,16 @@ class CompiledUNet(torch.nn.Module):
         """The names of the compiled graph's weights (what `swap_weights` takes)."""
         return sorted(self._runner.constant_names())
 
+    def _check_swappable(self) -> None:
+        if self.options is not None and self.options.freezing:
+            raise RuntimeError("this compiled UNet is frozen (InductorOptions(freezing=True), the CPU default): its "
+                               "weights are constants of the compiled code under internal names. Compile with "
+                               "InductorOptions(aot=True, freezing=False) to swap weights without recompiling")
+
     def derive_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map the original UNet's state_dict to the compiled graph's weights (running the passes' weight
         rewrites, e.g. fused QKV, without compiling). Needs the exported program: in the compiling process."""
+        self._check_swappable()
         if self._exported is None:
             raise RuntimeError("derive_weights needs the exported program, which a loaded artifact does not hold; "
                                "derive the weights where the UNet was compiled and pass them to swap_weights")
@@ -300,6 +307,7 @@ class CompiledUNet(torch.nn.Module):
 
         `state_dict`: the original UNet's (derived here through the passes; in the compiling process) or the
         compiled graph's own names (`derive_weights` output; works on loaded artifacts too)."""
+        self._check_swappable()
         names = set(self._runner.constant_names())
         if not set(state_dict) <= names and self._exported is not None:
             state_dict = self.derive_weights(state_dict)
@@ -422,7 +430,7 @@ def save(compiled: CompiledUNet, path: str | os.PathLike) -> str:
     """Write `compiled` as one AOTInductor `.pt2` package (signature and config inside), atomically.
 
     An AOT-compiled UNet is copied; a jit-compiled one is compiled once more with AOTInductor (its options
-    minus the jit-only ones, and without freezing so that the package's weights can be swapped)."""
+    minus the jit-only ones, freezing as the device's AOT default)."""
     from .buckets import ShapeBuckets
 
     if isinstance(compiled, ShapeBuckets):

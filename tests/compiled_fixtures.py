@@ -1,7 +1,8 @@
 """Compiled artifacts shared by test_inductor.py and test_buckets.py: each is built once per process.
 
-Inductor compiles take 1-2 minutes each on 2 CPU cores, so the whole suite compiles three times: one
-in-process (jit) graph and two AOTInductor buckets. The builders are cached at module level (a session
+Inductor compiles take 1-2 minutes each on 2 CPU cores, so the whole suite compiles four times: one
+in-process (jit) graph, two AOTInductor buckets (frozen, the CPU default) and one unfrozen AOTInductor graph
+whose weights `swap_weights` can replace. The builders are cached at module level (a session
 fixture imported into two test modules would otherwise be registered, and built, twice).
 """
 from __future__ import annotations
@@ -63,6 +64,20 @@ def buckets():
 
 
 @functools.lru_cache(None)
+def swappable():
+    """Bucket 0's shape compiled ahead of time WITHOUT freezing (weights swappable), and its saved `.pt2`."""
+    import compiled_unet
+    from compiled_unet.backends import InductorOptions
+
+    ex = bucket_example(0)
+    compiled = compiled_unet.compile(tiny()[0], ex.pop("sample"), ex.pop("timestep"),
+                                     options=InductorOptions(aot=True, freezing=False), **ex)
+    root = tempfile.mkdtemp(prefix="compiled_unet_test_")
+    atexit.register(shutil.rmtree, root, True)
+    return compiled, compiled_unet.save(compiled, os.path.join(root, "swappable.pt2"))
+
+
+@functools.lru_cache(None)
 def saved_bundle() -> str:
     """The bucket bundle saved to a temporary directory (bucket_0.pt2 is the single-graph artifact)."""
     import compiled_unet
@@ -100,3 +115,8 @@ def compiled_buckets():
 @pytest.fixture
 def bundle_dir():
     return saved_bundle()
+
+
+@pytest.fixture
+def swappable_aot():
+    return swappable()

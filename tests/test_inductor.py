@@ -19,7 +19,7 @@ import torch
 import compiled_unet
 from cases import build
 from compiled_fixtures import (assert_close_to_eager, bucket_example, bundle_dir, compiled_buckets,  # noqa: F401
-                               compiled_jit, inductor_cache_files, tiny_model)
+                               compiled_jit, inductor_cache_files, swappable_aot, tiny_model)
 from compiled_unet.backends import InductorOptions
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def test_options_validate():
     cpu = InductorOptions().resolve(torch.device("cpu"))
     assert cpu.freezing and cpu.channels_last and cpu.config()["freezing"]
     aot = InductorOptions(aot=True).resolve(torch.device("cpu"))
-    assert not aot.freezing and aot.config()["aot_inductor.use_runtime_constant_folding"]
+    assert aot.freezing and aot.config()["aot_inductor.use_runtime_constant_folding"]  # CPU packages prepack too
     assert InductorOptions(freezing=False).resolve(torch.device("cpu")).freezing is False  # explicit wins
 
 
@@ -199,14 +199,15 @@ def test_pt2_round_trip_in_fresh_process(tmp_path, tiny_model, bundle_dir):
     assert_close_to_eager(torch.load(tmp_path / "out.pt"), _eager(model, sample, timestep, **ex))
 
 
-def test_weight_swap_without_recompile(tiny_model, compiled_buckets, bundle_dir):
-    """New weights (a re-randomized state dict) into a loaded package: the new model's outputs, same
+def test_weight_swap_without_recompile(swappable_aot):
+    """New weights (a re-randomized state dict) into a loaded unfrozen package: the new model's outputs, same
     loaded object, no new files in Inductor's cache."""
+    compiled, path = swappable_aot
     ex = bucket_example(0)
     sample, timestep = ex.pop("sample"), ex.pop("timestep")
     new_model = build("sd", seed=7)
-    derived = compiled_buckets.buckets[0].derive_weights(new_model.state_dict())  # passes only, no compile
-    loaded = compiled_unet.load(os.path.join(bundle_dir, "bucket_0.pt2"))
+    derived = compiled.derive_weights(new_model.state_dict())  # passes only, no compile
+    loaded = compiled_unet.load(path)
     runner, files = loaded._runner.model, inductor_cache_files()
     before = loaded(sample, timestep, **ex).sample.clone()
     with pytest.raises(ValueError, match="derive_weights"):
@@ -218,12 +219,12 @@ def test_weight_swap_without_recompile(tiny_model, compiled_buckets, bundle_dir)
     assert loaded._runner.model is runner and inductor_cache_files() == files
 
 
-def test_weight_swap_with_model_state_dict_in_process(tiny_model, compiled_buckets, compiled_jit):
+def test_weight_swap_with_model_state_dict_in_process(tiny_model, swappable_aot):
     """In the compiling process, swap_weights takes the UNet's own state_dict (derived through the passes);
-    the shared bucket gets its original weights back afterwards. A frozen jit graph refuses clearly."""
+    the shared package gets its original weights back afterwards."""
     model = tiny_model[0]
-    aot = compiled_buckets.buckets[1]
-    ex = bucket_example(1)
+    aot = swappable_aot[0]
+    ex = bucket_example(0)
     sample, timestep = ex.pop("sample"), ex.pop("timestep")
     new_model = build("sd", seed=8)
     try:
@@ -234,11 +235,22 @@ def test_weight_swap_with_model_state_dict_in_process(tiny_model, compiled_bucke
     assert_close_to_eager(aot(sample, timestep, **ex).sample, _eager(model, sample, timestep, **ex))
     with pytest.raises(ValueError, match="strict"):
         aot.swap_weights({"conv_in.weight": model.conv_in.weight.detach()})
-    with pytest.raises(RuntimeError, match="frozen"):
-        compiled_jit.swap_weights(new_model.state_dict())
-    loaded = compiled_unet.load(compiled_unet.save(aot, os.path.join(tempfile.mkdtemp(), "b1.pt2")))
+    loaded = compiled_unet.load(compiled_unet.save(aot, os.path.join(tempfile.mkdtemp(), "b0.pt2")))
     with pytest.raises(RuntimeError, match="exported program"):
         loaded.derive_weights(model.state_dict())
+
+
+def test_frozen_graphs_refuse_weight_swap(tiny_model, compiled_buckets, compiled_jit, bundle_dir):
+    """Frozen graphs (the CPU default, jit and AOT) hold their weights as prepacked constants under internal
+    names: swap_weights and derive_weights say so instead of loading a part of the weights silently."""
+    state = build("sd", seed=8).state_dict()
+    loaded = compiled_unet.load(os.path.join(bundle_dir, "bucket_1.pt2"))
+    for frozen in (compiled_jit, compiled_buckets.buckets[1], loaded, compiled_buckets):
+        with pytest.raises(RuntimeError, match="frozen"):
+            frozen.swap_weights(state)
+    with pytest.raises(RuntimeError, match="frozen"):
+        compiled_buckets.buckets[1].derive_weights(state)
+    assert loaded.options.freezing and compiled_buckets.buckets[1].options.freezing
 
 
 # --------------------------------------------------------------------------------------------------
