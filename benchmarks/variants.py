@@ -233,10 +233,26 @@ def recipe_for(device: torch.device, mode: str | None = None) -> dict:
     return recipe
 
 
-def build(name: str, case: Case, overrides: dict | None = None, recipe_mode: str | None = None) -> Built:
-    """Build one variant; compiled ones are compiled (and run once) here."""
+def build(name: str, case: Case, overrides: dict | None = None, recipe_mode: str | None = None,
+          package: str | None = None) -> Built:
+    """Build one variant; compiled ones are compiled (and run once) here. `package`: for ours-aot, load this
+    saved `.pt2` instead of compiling (what a server does; first_call_s is then load + first forward)."""
     x, t, kw = case.sample, case.timestep, case.kwargs
     dev = case.device
+    if name == "ours-aot" and package is not None:
+        import compiled_unet
+
+        t0 = time.perf_counter()
+        loaded = compiled_unet.load(package)
+        load_s = time.perf_counter() - t0
+
+        def fn():
+            return loaded(x, t, **kw, return_dict=False)[0]
+
+        built = Built(name, "d", "ours compiled (Inductor, AOT package)", fn, load_s,
+                      load_s=load_s, options=dataclasses.asdict(loaded.options), artifact=package, keep=loaded)
+        built.first_call_s += _timed_first(fn, dev)
+        return built
     cudagraph_step = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
     if name in ("diffusers-eager", "torch-eager"):
         model = case.base

@@ -45,7 +45,9 @@ def test_options_validate():
     cpu = InductorOptions().resolve(torch.device("cpu"))
     assert cpu.freezing and cpu.channels_last and cpu.config()["freezing"]
     aot = InductorOptions(aot=True).resolve(torch.device("cpu"))
-    assert aot.freezing and aot.config()["aot_inductor.use_runtime_constant_folding"]  # CPU packages prepack too
+    assert aot.freezing and "aot_inductor.use_runtime_constant_folding" not in aot.config()  # CPU packages prepack
+    unfrozen = InductorOptions(aot=True, freezing=False).resolve(torch.device("cpu"))
+    assert unfrozen.config()["aot_inductor.use_runtime_constant_folding"]  # swapped weights reach folded constants
     assert InductorOptions(freezing=False).resolve(torch.device("cpu")).freezing is False  # explicit wins
 
 

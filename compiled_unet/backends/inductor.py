@@ -78,9 +78,10 @@ class InductorOptions:
     def config(self) -> dict[str, Any]:
         """The `torch._inductor.config` entries for these (resolved) options."""
         cfg: dict[str, Any] = {"freezing": bool(self.freezing)}
-        if self.aot:
+        if self.aot and not self.freezing:
             # Fold weight-only subgraphs when the package loads, not at compile time, so that weights
-            # swapped in with load_constants reach every derived constant.
+            # swapped in with load_constants reach every derived constant. (A frozen package cannot swap
+            # weights: it folds at compile time and loads faster.)
             cfg["aot_inductor.use_runtime_constant_folding"] = True
         if self.max_autotune:
             cfg["max_autotune"] = True
