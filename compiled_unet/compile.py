@@ -39,6 +39,13 @@ OPTIONAL_INPUTS = ("encoder_hidden_states", "class_labels", "timestep_cond", "at
 # --------------------------------------------------------------------------------------------------
 # The call signature: which inputs, their nesting, shapes and dtypes.
 
+def _same_tensor(a: torch.Tensor, b) -> bool:
+    """Equal shape, dtype and values (oneDNN-packed tensors, layout torch._mkldnn, compared unpacked)."""
+    if not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype or a.is_mkldnn != b.is_mkldnn:
+        return False
+    return torch.equal(a.to_dense(), b.to_dense()) if a.is_mkldnn else torch.equal(a, b)
+
+
 def _tuples(x):
     """Lists -> tuples, recursively (diffusers accepts either for residuals; the graph sees one)."""
     if isinstance(x, (list, tuple)):
@@ -298,8 +305,17 @@ class CompiledUNet(torch.nn.Module):
         optimized = _run_passes(ep, self._passes)[0]
         if optimized.graph_module.code != self._optimized.graph_module.code:
             raise RuntimeError("the passes rewrote the graph differently for these weights; compile again")
-        weights = {**optimized.state_dict, **optimized.constants}
         names = set(self._runner.constant_names())
+        # A constant the passes computed from weights (a folded weight-only subgraph) must follow the new
+        # weights; one the compiled graph holds under another name (AOTInductor renames lifted constants)
+        # cannot be reached, and leaving it stale would be a silently wrong answer.
+        stale = sorted(k for k, v in optimized.constants.items() if k not in names and isinstance(v, torch.Tensor)
+                       and not _same_tensor(v, self._optimized.constants.get(k)))
+        if stale:
+            raise RuntimeError(f"the passes folded these weights into constants the compiled graph holds under "
+                               f"internal names: {stale[:5]} ({len(stale)} in all); swapping would leave them "
+                               f"stale. Compile again, or without the pass that made them")
+        weights = {**optimized.state_dict, **optimized.constants}
         return {k: v.detach() for k, v in weights.items() if k in names}
 
     def swap_weights(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:

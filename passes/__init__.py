@@ -26,6 +26,7 @@ from .freeu_backbone import freeu_backbone
 from .freeu_fourier import freeu_fourier
 from .fuse_qkv import fuse_qkv
 from .linear_to_conv1x1 import linear_to_conv1x1
+from .prepack_onednn import prepack_onednn
 from .remove_asserts import remove_asserts
 from .remove_dropout import remove_dropout
 from .remove_noops import remove_noops
@@ -60,6 +61,7 @@ def default_passes(device=None) -> tuple:
 __all__ = [
     "CPU_PASSES", "DEFAULT_PASSES", "OptimizeConfig", "PassContext", "PassReport", "PassStat", "SliceAttention", "attention_to_sdpa",
     "broadcast_attention_mask", "cleanup", "constant_fold", "default_passes", "fold_channel_scale", "freeu_backbone", "freeu_fourier",
-    "fuse_qkv", "linear_to_conv1x1", "merge_sliced_attention", "op_counts", "optimize", "pass_name", "remove_asserts", "remove_dropout",
+    "fuse_qkv", "linear_to_conv1x1", "merge_sliced_attention", "op_counts", "optimize", "pass_name", "prepack_onednn",
+    "remove_asserts", "remove_dropout",
     "remove_noops",
 ]

@@ -160,7 +160,7 @@ def _to_channels_last(module: torch.nn.Module) -> None:
     for mod in module.modules():
         for store in (mod._parameters, mod._buffers):
             for name, t in store.items():
-                if t is not None and t.ndim == 4:
+                if t is not None and t.ndim == 4 and not t.is_mkldnn:  # oneDNN-packed weights keep their layout
                     new = t.detach().contiguous(memory_format=torch.channels_last)
                     store[name] = torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
 

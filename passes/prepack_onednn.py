@@ -1,0 +1,60 @@
+"""CPU: convolutions with weight-only weights run as oneDNN kernels on weights packed once, here.
+
+`conv2d(x, W, b)` becomes `mkldnn._convolution_pointwise(x, P, b, ...)` where
+P = `mkldnn._reorder_convolution_weight(W, ..., input_size)` is computed now and added as a constant:
+the weight layout oneDNN picks for this input size and this CPU. The same kernels Inductor's freezing
+uses; results equal up to oneDNN's summation order.
+
+Why: on CPU, Inductor packs weights only under freezing, and freezing makes weights constants of the
+compiled code (no weight swap, and no sharing of one block's code between block instances). With the
+packing done in the graph, an unfrozen compile runs as fast as a frozen one: SD1.5 32x32 with
+`linear_to_conv1x1` before it, Inductor jit with `freezing=False`: 494 ms per step vs 491 ms frozen, first
+call after 60 s vs 65 s (benchmarks/NOTES.md).
+
+Not in any default list (opt-in: `passes.default_passes("cpu") + (passes.prepack_onednn,)`):
+- a packed tensor has layout torch._mkldnn (opaque: only oneDNN ops read it; `.to_dense()` gives the
+  weight back), so nothing else may run on it afterwards; and its blocking is specific to this CPU's ISA;
+- packed weights are lifted constants, which AOTInductor renames: `swap_weights` then refuses (it cannot
+  reach them) instead of leaving them stale.
+Run it last.
+"""
+import logging
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger("passes")
+aten = torch.ops.aten
+
+
+def prepack_onednn(gm: fx.GraphModule, ctx) -> int:
+    """Rewrite fp32 conv2d with a weight-only weight into a packed oneDNN convolution; returns how many."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.conv2d.default:
+            continue
+        x, w, b, stride, padding, dilation, groups = (list(node.args) + [None, [1, 1], [0, 0], [1, 1], 1][
+            len(node.args) - 2:])[:7]
+        xv = x.meta.get("val")
+        if xv is None or xv.ndim != 4 or xv.dtype != torch.float32 or isinstance(padding, str):
+            continue
+        weight = ctx.evaluate(w)
+        if weight is None or weight.dtype != torch.float32:
+            continue
+        stride, padding, dilation = (list(v) if isinstance(v, (list, tuple)) else [v, v]
+                                     for v in (stride, padding, dilation))
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(), padding, stride, dilation,
+                                                              groups, list(xv.shape))
+        base = w.args[0] if w.op == "call_function" and w.args else w  # linear_to_conv1x1: view(W)
+        source = ctx.fqn(w) or ctx.fqn(base)
+        with gm.graph.inserting_before(node):
+            pw = ctx.add_constant(f"onednn_packed.{source or n}", packed)
+            y = ctx.call(torch.ops.mkldnn._convolution_pointwise.default,
+                         (x, pw, b, padding, stride, dilation, groups, "none", [], ""), like=node)
+        node.replace_all_uses_with(y)
+        gm.graph.erase_node(node)
+        n += 1
+    log.info("prepack_onednn: %d convolution(s) on packed weights", n)
+    return n

@@ -1,0 +1,96 @@
+"""prepack_onednn (opt-in CPU pass): convolutions on weights packed once for oneDNN, equal to the original
+program; with it, an unfrozen Inductor graph gets the packed kernels too.
+
+Tolerance: the same convolutions in another oneDNN kernel, fp32 max-abs <= 1e-5 x max(1, |ref|).
+"""
+import pytest
+import torch
+
+import passes
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+
+
+class ConvsAndTokens(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.down = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
+        self.tokens = torch.nn.Linear(8, 8)  # a 1x1 conv after linear_to_conv1x1: packed too
+
+    def forward(self, x, scale):
+        h = self.down(torch.nn.functional.silu(self.conv(x)))
+        t = h.flatten(2).transpose(1, 2)
+        return self.tokens(t) * scale, self.conv(x * scale)  # a conv on a runtime-scaled input: still packed
+
+
+def test_convs_run_on_packed_weights_and_match(g):
+    model = ConvsAndTokens().eval()
+    x, scale = torch.randn(2, 4, 8, 8), torch.randn(())
+    ep = g.export(model, x, scale)
+    out, report = passes.optimize(ep, [passes.linear_to_conv1x1, passes.prepack_onednn])
+    assert report["prepack_onednn"] == 4
+    ops = g.ops(out)
+    assert ops.get("aten.conv2d.default", 0) == 0 and ops["mkldnn._convolution_pointwise.default"] == 4
+    assert any(k.startswith("onednn_packed.conv.weight") for k in out.constants)
+    with torch.no_grad():
+        ref = model(x, scale)
+    for a, b in zip(out.module()(x, scale), ref):
+        g.check_close(a, b)
+
+
+def test_unfrozen_inductor_graph_calls_the_packed_kernel():
+    """Without freezing Inductor packs nothing itself; the pass's packed weights reach its generated code."""
+    from torch._inductor.utils import run_and_get_code
+
+    from compiled_unet.backends.inductor import InductorOptions, JitRunner
+
+    model = ConvsAndTokens().eval()
+    x, scale = torch.randn(1, 4, 8, 8), torch.randn(())
+    ep, _ = passes.optimize(torch.export.export(model, (x, scale)), [passes.linear_to_conv1x1, passes.prepack_onednn])
+    options = InductorOptions(freezing=False, channels_last=False).resolve(torch.device("cpu"))
+    runner, codes = run_and_get_code(lambda: JitRunner(ep, options, (x, scale), {}))
+    assert "_convolution_pointwise" in "\n".join(codes)
+    with torch.no_grad():
+        ref = model(x, scale)
+    for a, b in zip(runner((x, scale), {}), ref):
+        assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max())
+
+
+def test_not_in_any_default_list():
+    assert passes.prepack_onednn not in passes.default_passes("cpu")
+    assert passes.prepack_onednn not in passes.default_passes("cuda")
+
+
+class _NamedWeights:
+    """A stand-in runner that holds the weights under these names (as AOTInductor holds parameters)."""
+    kind = "aot"
+
+    def __init__(self, names):
+        self.names = list(names)
+
+    def constant_names(self):
+        return self.names
+
+
+def test_weight_swap_refuses_packed_constants_it_cannot_reach():
+    """derive_weights re-runs the passes on new weights; the packed constants change with them, and a
+    compiled graph that holds them under internal names could not follow: a clear error, never stale."""
+    from compiled_unet.backends.inductor import InductorOptions
+    from compiled_unet.compile import CompiledUNet
+
+    model, x, scale = ConvsAndTokens().eval(), torch.randn(1, 4, 8, 8), torch.randn(())
+    ep = torch.export.export(model, (x, scale))
+    new_weights = ConvsAndTokens().state_dict()
+    for pass_list, refused in (([passes.linear_to_conv1x1], False),
+                               ([passes.linear_to_conv1x1, passes.prepack_onednn], True)):
+        optimized, _ = passes.optimize(ep, pass_list)
+        compiled = CompiledUNet(_NamedWeights(optimized.state_dict), None, exported=ep, optimized=optimized,
+                                passes=pass_list, options=InductorOptions(aot=True, freezing=False))
+        if refused:
+            with pytest.raises(RuntimeError, match="internal names"):
+                compiled.derive_weights(new_weights)
+        else:
+            derived = compiled.derive_weights(new_weights)
+            assert set(derived) == set(optimized.state_dict)
+            assert torch.equal(derived["conv.weight"], new_weights["conv.weight"])
