@@ -233,6 +233,9 @@ def recipe_for(device: torch.device, mode: str | None = None) -> dict:
     return recipe
 
 
+AOT_LABEL = "ours compiled (Inductor, AOT package)"
+
+
 def build(name: str, case: Case, overrides: dict | None = None, recipe_mode: str | None = None,
           package: str | None = None) -> Built:
     """Build one variant; compiled ones are compiled (and run once) here. `package`: for ours-aot, load this
@@ -249,7 +252,7 @@ def build(name: str, case: Case, overrides: dict | None = None, recipe_mode: str
         def fn():
             return loaded(x, t, **kw, return_dict=False)[0]
 
-        built = Built(name, "d", "ours compiled (Inductor, AOT package)", fn, load_s,
+        built = Built(name, "d", AOT_LABEL, fn, load_s,
                       load_s=load_s, options=dataclasses.asdict(loaded.options), artifact=package, keep=loaded)
         built.first_call_s += _timed_first(fn, dev)
         return built
@@ -309,7 +312,7 @@ def build(name: str, case: Case, overrides: dict | None = None, recipe_mode: str
             return compiled(x, t, **kw, return_dict=False)[0]
 
         resolved = dataclasses.asdict(compiled.options) if dataclasses.is_dataclass(compiled.options) else {}
-        label = "ours compiled (Inductor, AOT package)" if name == "ours-aot" else f"ours compiled ({backend})"
+        label = AOT_LABEL if name == "ours-aot" else f"ours compiled ({backend})"
         built = Built(name, "d", label, fn, first_s, options=resolved, keep=compiled)
         if name == "ours-aot":  # the jit runtime ran its first forward while compiling; the AOT one did not
             built.first_call_s += _timed_first(fn, dev)

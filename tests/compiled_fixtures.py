@@ -63,6 +63,13 @@ def buckets():
     return compile_buckets(tiny()[0], [bucket_example(i) for i in range(len(BUCKET_SHAPES))])
 
 
+def _scratch_dir() -> str:
+    """A temporary directory removed when the test process exits."""
+    root = tempfile.mkdtemp(prefix="compiled_unet_test_")
+    atexit.register(shutil.rmtree, root, True)
+    return root
+
+
 @functools.lru_cache(None)
 def swappable():
     """Bucket 0's shape compiled ahead of time WITHOUT freezing (weights swappable), and its saved `.pt2`."""
@@ -72,9 +79,7 @@ def swappable():
     ex = bucket_example(0)
     compiled = compiled_unet.compile(tiny()[0], ex.pop("sample"), ex.pop("timestep"),
                                      options=InductorOptions(aot=True, freezing=False), **ex)
-    root = tempfile.mkdtemp(prefix="compiled_unet_test_")
-    atexit.register(shutil.rmtree, root, True)
-    return compiled, compiled_unet.save(compiled, os.path.join(root, "swappable.pt2"))
+    return compiled, compiled_unet.save(compiled, os.path.join(_scratch_dir(), "swappable.pt2"))
 
 
 @functools.lru_cache(None)
@@ -82,9 +87,7 @@ def saved_bundle() -> str:
     """The bucket bundle saved to a temporary directory (bucket_0.pt2 is the single-graph artifact)."""
     import compiled_unet
 
-    root = tempfile.mkdtemp(prefix="compiled_unet_test_")
-    atexit.register(shutil.rmtree, root, True)
-    return compiled_unet.save(buckets(), os.path.join(root, "bundle"))
+    return compiled_unet.save(buckets(), os.path.join(_scratch_dir(), "bundle"))
 
 
 def inductor_cache_files() -> set[str]:
