@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree  # noqa: E402
 from torch.fx.passes.split_module import split_module  # noqa: E402
 
 import compiled_unet  # noqa: E402
-import passes  # noqa: E402
+from compiled_unet import passes  # noqa: E402
 from compiled_unet import presets  # noqa: E402
 from compiled_unet._pytree import children  # noqa: E402
 from compiled_unet.backends.inductor import _flat_module  # noqa: E402

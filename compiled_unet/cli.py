@@ -127,7 +127,7 @@ def cmd_inspect(args) -> int:
         title = args.checkpoint or args.preset
     pass_report = None
     if args.passes:
-        import passes
+        from . import passes
         ep, pass_report = passes.optimize(ep)
     report = inspect_program(ep, pass_report)
     print(report.to_json() if args.format == "json" else report.text())

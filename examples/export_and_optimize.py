@@ -5,7 +5,7 @@
 import torch
 
 import compiled_unet
-import passes
+from compiled_unet import passes
 from compiled_unet.presets import build_random, example_inputs
 
 unet = build_random("tiny")

@@ -6,6 +6,7 @@ creates nodes with ``ctx.call`` (which sets ``node.meta["val"]``) and weights wi
 ``ctx.add_parameter`` (which register them in the program's graph signature). After each pass the runner
 removes dead writes, dead code and unused weights, lints and recompiles.
 
+    from compiled_unet import passes     # the repo's passes/ folder, installed as compiled_unet.passes
     ep2, report = passes.optimize(torch.export.export(unet, args, kwargs))
     print(report)            # rewrites per pass, node and op counts after each pass
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import passes
+from compiled_unet import passes
 
 
 class Graphs:

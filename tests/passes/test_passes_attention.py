@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import passes
+from compiled_unet import passes
 
 ATTN = [passes.remove_asserts, passes.remove_noops, passes.attention_to_sdpa, passes.merge_sliced_attention,
         passes.broadcast_attention_mask]

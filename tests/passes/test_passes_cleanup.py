@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import passes
+from compiled_unet import passes
 
 
 class Noisy(nn.Module):

@@ -4,7 +4,7 @@ Tolerance: the same dot products in another kernel, fp32 max-abs <= 1e-5 x max(1
 """
 import torch
 
-import passes
+from compiled_unet import passes
 
 
 class TokensAndVector(torch.nn.Module):

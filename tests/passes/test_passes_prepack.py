@@ -6,7 +6,7 @@ Tolerance: the same convolutions in another oneDNN kernel, fp32 max-abs <= 1e-5 
 import pytest
 import torch
 
-import passes
+from compiled_unet import passes
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 

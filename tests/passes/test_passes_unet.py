@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel as DiffusersUNet
 from diffusers.models.attention_processor import AttnProcessor
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import passes
+from compiled_unet import passes
 
 BASE = dict(layers_per_block=1, norm_num_groups=4, cross_attention_dim=8, sample_size=8,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
