@@ -5,6 +5,7 @@ node to an exported graph.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -18,11 +19,45 @@ def _shape(t) -> str:
     return f"a tensor of shape {tuple(t.shape)}" if torch.is_tensor(t) else f"{type(t).__name__}"
 
 
-def _needs_encoder_states(model) -> bool:
-    c = model.config
-    blocks = list(model.down_blocks) + list(model.up_blocks) + ([model.mid_block] if model.mid_block else [])
-    return (any(getattr(b, "has_cross_attention", False) for b in blocks)
-            or c.addition_embed_type == "text" or c.encoder_hid_dim_type is not None)
+def _text_readers(c, added_cond_kwargs: dict) -> list:
+    """Parts of the model that read `encoder_hidden_states` as given (diffusers' forward), besides attention."""
+    readers = []
+    if c.addition_embed_type == "text":
+        readers.append("addition_embed_type='text'")
+    if c.addition_embed_type == "text_image" and "text_embeds" not in added_cond_kwargs:
+        readers.append("addition_embed_type='text_image' without added_cond_kwargs['text_embeds']")
+    if c.encoder_hid_dim_type in ("text_proj", "text_image_proj"):
+        readers.append(f"encoder_hid_dim_type={c.encoder_hid_dim_type!r}")
+    return readers
+
+
+def _cross_attention_blocks(model) -> list:
+    """(name, block) of the blocks that pass `encoder_hidden_states` to their attention layers."""
+    blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(model.down_blocks)]
+    blocks += [("mid_block", model.mid_block)] if model.mid_block is not None else []
+    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(model.up_blocks)]
+    return [(name, b) for name, b in blocks if getattr(b, "has_cross_attention", False)]
+
+
+def _no_self_fallback(model) -> Optional[str]:
+    """Why the attention layers cannot run without `encoder_hidden_states`, or None when they can.
+
+    diffusers passes `encoder_hidden_states=None` on to the attention layers, which then take keys and
+    values from the hidden states themselves (AudioLDM and MusicLDM run this way); that only fits a layer
+    whose key projections take the layer's own width. DualTransformer2DModel slices the states: no fallback.
+    """
+    from .attention import Attention, DualTransformer2DModel
+    for prefix, block in _cross_attention_blocks(model):
+        for name, m in block.named_modules(prefix=prefix):
+            if isinstance(m, DualTransformer2DModel):
+                return "dual_cross_attention splits them into text and image tokens"
+            if not isinstance(m, Attention):
+                continue
+            widths = [p.in_features for p in (m.to_k, m.add_k_proj) if p is not None]
+            if any(w != m.query_dim for w in widths):
+                return (f"without them an attention layer attends over its own hidden states, but "
+                        f"{name} takes keys of width {max(widths)} != its width {m.query_dim}")
+    return None
 
 
 def _expected_encoder_width(model) -> Optional[int]:
@@ -33,6 +68,30 @@ def _expected_encoder_width(model) -> Optional[int]:
         return None  # replaced by the projected image embedding
     dims = {c.cross_attention_dim} if isinstance(c.cross_attention_dim, int) else set(c.cross_attention_dim)
     return dims.pop() if len(dims) == 1 else None
+
+
+def _check_encoder_states(model, encoder_hidden_states, added_cond_kwargs: dict, batch: int) -> None:
+    """As diffusers: None is fine where nothing reads the states (image_proj derives them from
+    `added_cond_kwargs['image_embeds']`; a model without cross-attention ignores them) and where the
+    attention layers can attend over the hidden states instead; states nothing reads are not checked."""
+    c = model.config
+    readers = _text_readers(c, added_cond_kwargs)
+    attention_reads = c.encoder_hid_dim_type is None and bool(_cross_attention_blocks(model))
+    if encoder_hidden_states is None:
+        why = "; ".join(readers) if readers else (_no_self_fallback(model) if attention_reads else None)
+        if why:
+            _fail("encoder_hidden_states", f"a tensor [batch, sequence, dim] ({why})", "None")
+        return
+    if not (readers or attention_reads):
+        return  # diffusers never reads them
+    if not torch.is_tensor(encoder_hidden_states) or encoder_hidden_states.ndim != 3:
+        _fail("encoder_hidden_states", "a 3-D tensor [batch, sequence, dim]", _shape(encoder_hidden_states))
+    width = _expected_encoder_width(model)
+    if width is not None and encoder_hidden_states.shape[-1] != width:
+        _fail("encoder_hidden_states", f"last dimension {width} (cross_attention_dim / encoder_hid_dim)",
+              f"shape {tuple(encoder_hidden_states.shape)}")
+    if encoder_hidden_states.shape[0] != batch:
+        _fail("encoder_hidden_states", f"batch {batch} (as sample)", f"shape {tuple(encoder_hidden_states.shape)}")
 
 
 def check_forward_inputs(model, sample, timestep, encoder_hidden_states, class_labels, timestep_cond,
@@ -55,30 +114,21 @@ def check_forward_inputs(model, sample, timestep, encoder_hidden_states, class_l
         if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, batch)):
             _fail("timestep", f"a scalar, a 0-d tensor or a 1-d tensor of length 1 or batch ({batch})",
                   _shape(timestep))
-    elif not isinstance(timestep, (int, float)) or isinstance(timestep, bool):
+    elif not isinstance(timestep, numbers.Real) or isinstance(timestep, bool):
+        # numbers.Real: Python and NumPy scalars (diffusers takes np.int64 / np.float64 too).
         _fail("timestep", "a tensor, float or int", type(timestep).__name__)
 
-    if encoder_hidden_states is None:
-        if _needs_encoder_states(model):
-            _fail("encoder_hidden_states", "a tensor [batch, sequence, dim] (this model has cross-attention "
-                  "or embeds the text)", "None")
-    else:
-        if not torch.is_tensor(encoder_hidden_states) or encoder_hidden_states.ndim != 3:
-            _fail("encoder_hidden_states", "a 3-D tensor [batch, sequence, dim]", _shape(encoder_hidden_states))
-        width = _expected_encoder_width(model)
-        if width is not None and encoder_hidden_states.shape[-1] != width:
-            _fail("encoder_hidden_states", f"last dimension {width} (cross_attention_dim / encoder_hid_dim)",
-                  f"shape {tuple(encoder_hidden_states.shape)}")
-        if encoder_hidden_states.shape[0] != batch:
-            _fail("encoder_hidden_states", f"batch {batch} (as sample)", f"shape {tuple(encoder_hidden_states.shape)}")
+    _check_encoder_states(model, encoder_hidden_states, added_cond_kwargs, batch)
 
     for name, mask in (("attention_mask", attention_mask), ("encoder_attention_mask", encoder_attention_mask)):
         if mask is None:
             continue
-        if not torch.is_tensor(mask) or mask.ndim != 2 or mask.shape[0] != batch:
+        # [batch, 1, sequence] works in diffusers too (the same bias after broadcasting).
+        if not torch.is_tensor(mask) or mask.ndim not in (2, 3) or mask.shape[0] != batch or \
+                (mask.ndim == 3 and mask.shape[1] != 1):
             _fail(name, f"a 2-D keep mask [batch={batch}, sequence] of 1 (keep) / 0 (drop)", _shape(mask))
-        if name == "encoder_attention_mask" and encoder_hidden_states is not None and \
-                c.encoder_hid_dim_type is None and mask.shape[1] != encoder_hidden_states.shape[1]:
+        if name == "encoder_attention_mask" and torch.is_tensor(encoder_hidden_states) and \
+                c.encoder_hid_dim_type is None and mask.shape[-1] != encoder_hidden_states.shape[1]:
             _fail(name, f"sequence length {encoder_hidden_states.shape[1]} (as encoder_hidden_states)",
                   f"shape {tuple(mask.shape)}")
 

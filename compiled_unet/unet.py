@@ -7,6 +7,7 @@ while tracing, so `torch.export` captures one graph for every configuration and 
 from __future__ import annotations
 
 import inspect
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -163,7 +164,8 @@ class UNet2DConditionModel(nn.Module):
     # -- forward pieces ----------------------------------------------------------------------------
     def get_time_embed(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         if not torch.is_tensor(timestep):
-            dtype = torch.float64 if isinstance(timestep, float) else torch.int64
+            # float64 for non-integral numbers (diffusers: for `float`, so np.float32 fails there), else int64.
+            dtype = torch.int64 if isinstance(timestep, numbers.Integral) else torch.float64
             if sample.device.type == "mps":  # diffusers' maybe_adjust_dtype_for_device
                 dtype = torch.float32 if dtype == torch.float64 else torch.int32
             timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
@@ -231,9 +233,9 @@ class UNet2DConditionModel(nn.Module):
         c = self.config
         # Masks: 1 keep / 0 drop -> additive bias [B, 1, L].
         if attention_mask is not None:
-            attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+            attention_mask = _keep_mask_to_bias(attention_mask, sample.dtype)
         if encoder_attention_mask is not None:
-            encoder_attention_mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+            encoder_attention_mask = _keep_mask_to_bias(encoder_attention_mask, sample.dtype)
         if c.center_input_sample:
             sample = 2 * sample - 1.0
 
@@ -496,6 +498,11 @@ class UNet2DConditionModel(nn.Module):
     def enable_lora(self) -> None:
         from . import lora
         lora.set_enabled(self, True)
+
+
+def _keep_mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keep mask [B, L] or [B, 1, L] of 1 (keep) / 0 (drop) -> additive bias [B, 1, L]."""
+    return ((1 - mask.reshape(mask.shape[0], -1).to(dtype)) * -10000.0).unsqueeze(1)
 
 
 def _materialize_non_persistent(model: nn.Module) -> None:
