@@ -45,8 +45,7 @@ class UNet2DConditionModel(nn.Module):
 
     def __init__(self, *args, **kwargs):
         super().__init__()
-        bound = _CONSTRUCTOR_SIGNATURE.bind(*args, **kwargs)
-        c = UNetConfig(**bound.arguments)
+        c = _config_from_arguments(args, kwargs)
         self.config = c
         p = c.plan()
         self.sample_size = c.sample_size
@@ -548,6 +547,19 @@ def _constructor_signature() -> inspect.Signature:
     for f in dataclasses.fields(UNetConfig):
         params.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default))
     return inspect.Signature(params)
+
+
+def _config_from_arguments(args: tuple, kwargs: dict) -> UNetConfig:
+    """Constructor arguments -> UNetConfig. As diffusers' `register_to_config`, keyword arguments starting
+    with `_` are ignored: its config dicts carry `_class_name`, `_diffusers_version`, `_name_or_path` and
+    `_use_default_values`, so `UNet2DConditionModel(**diffusers_unet.config)` works. Any other unknown
+    keyword is a TypeError naming all of them."""
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+    unknown = sorted(set(kwargs) - set(_CONSTRUCTOR_SIGNATURE.parameters))
+    if unknown:
+        raise TypeError(f"UNet2DConditionModel got unknown config arguments {unknown}; expected a subset of "
+                        f"{sorted(_CONSTRUCTOR_SIGNATURE.parameters)} (keys starting with '_' are ignored)")
+    return UNetConfig(**_CONSTRUCTOR_SIGNATURE.bind(*args, **kwargs).arguments)
 
 
 _CONSTRUCTOR_SIGNATURE = _constructor_signature().replace(parameters=list(_constructor_signature().parameters.values())[1:])

@@ -159,3 +159,36 @@ def test_three_dim_keep_masks_like_diffusers(sd):
     _assert_parity(_run(ours, x, t, e, encoder_attention_mask=mask), ref)
     with pytest.raises(ValueError, match="`encoder_attention_mask`"):
         _run(ours, x, t, e, encoder_attention_mask=torch.ones(2, 2, 5))
+
+
+# -- constructor: diffusers' config dicts as they are ----------------------------------------------
+def _check_same_model(config, theirs):
+    ours = UNet2DConditionModel(**config).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x, t = _inputs()
+    e = torch.randn(2, 5, 8)
+    _assert_parity(_run(ours, x, t, e), _run(theirs, x, t, e))
+    return ours
+
+
+def test_constructor_takes_a_diffusers_config(sd):
+    theirs = sd[1]
+    assert "_use_default_values" in theirs.config  # what diffusers registers for a model built in code
+    ours = _check_same_model(theirs.config, theirs)
+    assert UNet2DConditionModel.from_config(theirs.config).config == ours.config
+
+
+def test_constructor_takes_a_from_pretrained_config(sd, tmp_path):
+    sd[1].save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path).eval()
+    private = {k for k in theirs.config if k.startswith("_")}
+    assert {"_class_name", "_diffusers_version", "_name_or_path"} <= private
+    _check_same_model(theirs.config, theirs)
+    _check_same_model(dict(theirs.config), theirs)
+
+
+def test_unknown_public_config_keys_are_named():
+    with pytest.raises(TypeError, match=r"unknown config arguments \['also_bad', 'not_an_argument'\]"):
+        UNet2DConditionModel(**BASE, not_an_argument=1, also_bad=2, _private_is_fine=3)
