@@ -28,7 +28,7 @@ from compiled_unet import passes  # noqa: E402
 from compiled_unet import presets  # noqa: E402
 from compiled_unet._pytree import children  # noqa: E402
 from compiled_unet.backends.inductor import _flat_module  # noqa: E402
-from compiled_unet.compile import Signature  # noqa: E402
+from compiled_unet.runtime import Signature  # noqa: E402
 
 BLOCK = re.compile(r"(down_blocks|up_blocks)\.\d+\.(attentions|resnets|downsamplers|upsamplers)\.\d+"
                    r"|mid_block\.(attentions|resnets)\.\d+")
@@ -101,7 +101,7 @@ def main(name: str, size: int) -> None:
     ep = compiled_unet.export(model, sample, timestep, **kwargs)
     ep, _ = passes.optimize(ep, list(passes.default_passes("cpu")) + [passes.prepack_onednn])
     gm, in_spec, _ = _flat_module(ep)
-    args, kw = Signature.from_example(sample, timestep, dict(kwargs)).bind(sample, timestep, dict(kwargs))
+    args, kw = Signature.from_program(ep).bind(sample, timestep, **kwargs)
     flat = pytree.tree_flatten((args, {k: kw[k] for k in children(in_spec)[1].context}))[0]
     stitched = split_by_block(gm)
     parts = {n.target: getattr(stitched, n.target) for n in stitched.graph.nodes if n.op == "call_module"}

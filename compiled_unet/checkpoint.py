@@ -20,7 +20,6 @@ import logging
 import os
 import pickle
 import re
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,8 @@ import numpy as np
 import safetensors
 import safetensors.torch
 import torch
+
+from ._atomic import commit, temp_path_for
 
 __all__ = [
     "CheckpointError",
@@ -226,32 +227,11 @@ def _index_json(
     return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
 
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
-
-
-def _new_temp_path(folder: str, name: str) -> str:
-    """Create an empty hidden temp file next to `name` (same file system, so the final move is atomic).
-
-    Created with open(mode "x") rather than tempfile.mkstemp, so that the file gets the usual
-    umask-derived permissions instead of mkstemp's owner-only 0600.
-    """
-    while True:
-        path = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
-        try:
-            open(path, "xb").close()
-            return path
-        except FileExistsError:
-            continue
-
-
 def _stage(folder: str, name: str, write: Callable[[str], None]) -> str:
     """Write one file to a temp path in `folder`; on failure nothing of it is left behind."""
-    temp_path = _new_temp_path(folder, name)
+    temp_path = temp_path_for(os.path.join(folder, name))
     try:
         write(temp_path)
-        _fsync_file(temp_path)
     except BaseException:
         os.remove(temp_path)
         raise
@@ -273,7 +253,7 @@ def _write_all_atomically(folder: str, writers: dict[str, Callable[[str], None]]
             os.remove(temp_path)
         raise
     for name, temp_path in staged.items():
-        os.replace(temp_path, os.path.join(folder, name))
+        commit(temp_path, os.path.join(folder, name))
 
 
 def _remove_stale_files(folder: str, layout: _Layout, keep: set[str]) -> None:

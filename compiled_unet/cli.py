@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -79,7 +80,7 @@ def _model_from_args(args):
     """(model, (sample, timestep, kwargs)) from --checkpoint DIR or --preset NAME."""
     import torch
 
-    from .presets import build_random, example_inputs, preset
+    from .presets import build_random, example_inputs, example_inputs_for_config, preset
 
     if getattr(args, "checkpoint", None):
         import os
@@ -90,11 +91,8 @@ def _model_from_args(args):
         model = UNet2DConditionModel.from_pretrained(args.checkpoint)
         c = model.config
         size = args.size or (c.sample_size if isinstance(c.sample_size, int) else 64)
-        g = torch.Generator().manual_seed(0)
-        dim = c.encoder_hid_dim or (c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else c.cross_attention_dim[0])
-        sample = torch.randn(args.batch, c.in_channels, size, size, generator=g)
-        kwargs = {"encoder_hidden_states": torch.randn(args.batch, 77, dim, generator=g)}
-        return model, (sample, torch.full((args.batch,), 500.0), kwargs)
+        inputs = example_inputs_for_config(c, args.batch, size, size)
+        return model, (inputs.pop("sample"), inputs.pop("timestep"), inputs)
     preset(args.preset)
     return build_random(args.preset), example_inputs(args.preset, batch=args.batch, latent_size=args.size)
 
@@ -172,8 +170,7 @@ def cmd_compile(args) -> int:
     import os
     import time
 
-    from .buckets import bucket_inputs
-    from .presets import preset
+    from .presets import example_inputs_for_config, preset
 
     shapes = _parse_shapes(args.shapes)
     if args.backend not in ("inductor", "xla"):
@@ -188,49 +185,29 @@ def cmd_compile(args) -> int:
             raise UserError("XLA environment missing: run bash scripts/env_xla.sh, then .venv-xla/bin/compiled-unet")
     model = _model_for_compile(args)
     seq = args.seq or (preset(args.preset).seq_len if not args.checkpoint else 77)
-    examples = [bucket_inputs(model.config, b, h, w, seq_len=seq, seed=i) for i, (b, h, w) in enumerate(shapes)]
+    examples = [example_inputs_for_config(model.config, b, h, w, seq_len=seq, seed=i)
+                for i, (b, h, w) in enumerate(shapes)]
     print(f"[compile] {len(shapes)} shape(s) {args.shapes} with {args.backend}; this takes minutes on a CPU",
           flush=True)
     t0 = time.perf_counter()
+    from . import compile as compile_unet, save
     if args.backend == "xla":
-        from . import export
-        from .backends import xla
         ex = dict(examples[0])
-        ep = export(model, ex.pop("sample"), ex.pop("timestep"), **ex)
-        xla.export_stablehlo(ep, args.output, optimize=True)
+        compiled = compile_unet(model, ex.pop("sample"), ex.pop("timestep"), backend="xla", **ex)
     else:
         from .backends import InductorOptions
         options = InductorOptions(aot=True, freezing=args.freezing)
         if len(shapes) == 1:
-            from . import compile as compile_unet, save
             ex = dict(examples[0])
-            save(compile_unet(model, ex.pop("sample"), ex.pop("timestep"), options=options, **ex), args.output)
+            compiled = compile_unet(model, ex.pop("sample"), ex.pop("timestep"), options=options, **ex)
         else:
             from .buckets import compile_buckets
-            compile_buckets(model, examples, options=options).save(args.output)
+            compiled = compile_buckets(model, examples, options=options)
+    save(compiled, args.output)
     size = (sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args.output) for f in fs)
             if os.path.isdir(args.output) else os.path.getsize(args.output))
     print(f"[compile] done in {time.perf_counter() - t0:.1f} s; artifact: {args.output} ({size / 2**20:.1f} MiB)")
     return 0
-
-
-def _random_inputs(signature, seed: int = 0):
-    """(args, kwargs) matching a compiled signature, with seeded random tensors."""
-    import torch
-    import torch.utils._pytree as pytree
-
-    g = torch.Generator().manual_seed(seed)
-    leaves = []
-    for leaf in signature.leaves:
-        if not leaf.is_tensor:
-            leaves.append(leaf.value)
-        elif leaf.name == "timestep":
-            leaves.append(torch.full(leaf.shape, 500.0).to(getattr(torch, leaf.dtype)))
-        else:
-            leaves.append(torch.randn(leaf.shape, generator=g).to(getattr(torch, leaf.dtype)))
-    (args, kwargs) = pytree.tree_unflatten(leaves, pytree.treespec_loads(signature.spec))
-    kwargs = {k: v for k, v in kwargs.items() if k != "return_dict"}
-    return args, kwargs
 
 
 def _inputs_from_file(path: str, signature):
@@ -238,7 +215,6 @@ def _inputs_from_file(path: str, signature):
     encoder_hidden_states, "added_cond_kwargs['text_embeds']", ...); every leaf must be there."""
     import os
 
-    import torch.utils._pytree as pytree
     from safetensors.torch import load_file
 
     if not os.path.isfile(path):
@@ -247,13 +223,11 @@ def _inputs_from_file(path: str, signature):
         tensors = load_file(path)
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file is a user error
         raise UserError(f"--inputs {path!r}: not a readable .safetensors file ({type(e).__name__})")
-    names = [leaf.name for leaf in signature.leaves if leaf.is_tensor]
+    names = [leaf.name for leaf in signature.leaves if leaf.is_tensor and not leaf.name.startswith("freeu_scales")]
     missing = [n for n in names if n not in tensors]
     if missing:
         raise UserError(f"--inputs {path!r}: missing tensors {missing}; the artifact takes {names}")
-    leaves = [tensors[leaf.name] if leaf.is_tensor else leaf.value for leaf in signature.leaves]
-    args, kwargs = pytree.tree_unflatten(leaves, pytree.treespec_loads(signature.spec))
-    return args, {k: v for k, v in kwargs.items() if k != "return_dict"}
+    return signature.structure([tensors.get(leaf.name) if leaf.is_tensor else leaf.value for leaf in signature.leaves])
 
 
 def cmd_run(args) -> int:
@@ -263,19 +237,17 @@ def cmd_run(args) -> int:
     import torch
 
     if not os.path.exists(args.artifact):
-        raise UserError(f"{args.artifact!r}: no such artifact (a .pt2 from `compiled-unet compile` or a bucket folder)")
+        raise UserError(f"{args.artifact!r}: no such artifact (a .pt2 from `compiled-unet compile`, a bucket folder "
+                        f"or a StableHLO folder)")
     from . import load
-    try:
-        loaded = load(args.artifact)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise UserError(f"{args.artifact!r}: cannot load ({e})")
+    loaded = load(args.artifact)  # a damaged or foreign artifact: a ValueError naming the path
     targets = getattr(loaded, "buckets", [loaded])
     outputs = {}
     for i, target in enumerate(targets):
         if args.inputs:
             call_args, call_kwargs = _inputs_from_file(args.inputs, target.signature)
         else:
-            call_args, call_kwargs = _random_inputs(target.signature, seed=i)
+            call_args, call_kwargs = target.signature.random_inputs(seed=i)
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -368,9 +340,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (UserError, ValueError) as e:
+    except (UserError, ValueError, TypeError, OSError) as e:
+        # User errors (bad arguments, damaged files, unwritable paths, also after a long compile): one line.
         print(f"compiled-unet: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # e.g. a compile that failed: one line, and where to look
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"compiled-unet: error: {first} (set COMPILED_UNET_TRACEBACK=1 for the full trace)", file=sys.stderr)
+        if os.environ.get("COMPILED_UNET_TRACEBACK"):
+            raise
+        return 1
     except KeyboardInterrupt:
         print("compiled-unet: interrupted", file=sys.stderr)
         return 130

@@ -136,11 +136,11 @@ def test_ddim_scheduler_loop(tiny_model, compiled_jit):
 def test_config_from_diffusers_unet(tiny_model):
     """diffusers' FrozenDict config becomes the same `.config` as ours (no compile)."""
     diffusers = pytest.importorskip("diffusers")
-    from compiled_unet.compile import _config_from_dict, _config_to_dict
+    from compiled_unet.runtime.compiled import config_from_dict, config_to_dict
 
     model = tiny_model[0]
     theirs = diffusers.UNet2DConditionModel(**model.config.to_dict())
-    assert _config_from_dict(_config_to_dict(theirs.config)) == model.config
+    assert config_from_dict(config_to_dict(theirs.config)) == model.config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,10 +273,10 @@ def test_cuda_jit_and_aot_match_eager():
 def test_scalar_timestep_binds_to_a_dense_tensor_for_batch_one():
     """Regression: a 0-d timestep expanded to batch 1 kept stride 0 through .contiguous(), and dynamo's
     stride guard then refused the call as a recompile (seen in examples/scheduler_loop.py)."""
-    from compiled_unet.compile import Signature
+    from compiled_unet.runtime import Signature
     sample = torch.randn(1, 4, 8, 8)
-    sig = Signature.from_example(sample, torch.tensor([999.0]), {"encoder_hidden_states": torch.randn(1, 5, 8)})
-    args, _ = sig.bind(sample, torch.tensor(981), {"encoder_hidden_states": torch.randn(1, 5, 8)})
+    sig = Signature.from_call((sample, torch.tensor([999.0])), {"encoder_hidden_states": torch.randn(1, 5, 8)})
+    args, _ = sig.bind(sample, torch.tensor(981), encoder_hidden_states=torch.randn(1, 5, 8))
     assert args[1].shape == (1,) and args[1].stride() == (1,) and args[1].dtype == torch.float32
     assert args[1].item() == 981.0
 

@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from .._pytree import children as _children
+from .._atomic import atomic_dir
+from ..runtime.signature import Signature
+from ..errors import DamagedArtifact
 
 FORMAT = "compiled_unet.xla-stablehlo/1"
 MANIFEST = "compiled_unet_xla.json"
@@ -95,86 +94,7 @@ def _maybe_optimize(program, optimize: bool):
 
 
 # --------------------------------------------------------------------------------------------------
-# Inputs: bind a call to the exported input structure.
-
-def _reorder(value, spec, name: str):
-    """`value` with its dicts ordered as in `spec` (pytree compares dict keys in order)."""
-    if spec.type is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{name or 'inputs'}: expected a dict with keys {list(spec.context)}, got {type(value).__name__}")
-        missing = [k for k in spec.context if k not in value]
-        extra = [k for k in value if k not in spec.context]
-        if missing or extra:
-            raise ValueError(f"{name or 'keyword arguments'}: the program was exported with keys {list(spec.context)}"
-                             + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
-        return {k: _reorder(value[k], s, f"{name}[{k!r}]" if name else k)
-                for k, s in zip(spec.context, _children(spec))}
-    if spec.type in (tuple, list) and isinstance(value, (tuple, list)) and len(value) == len(_children(spec)):
-        return spec.type(_reorder(v, s, f"{name}[{i}]") for i, (v, s) in enumerate(zip(value, _children(spec))))
-    return value
-
-
-# UNet2DConditionModel.forward's arguments after (sample, timestep), in order: positional extras map onto them.
-FORWARD_ARGS = ("encoder_hidden_states", "class_labels", "timestep_cond", "attention_mask", "cross_attention_kwargs",
-                "added_cond_kwargs", "down_block_additional_residuals", "mid_block_additional_residual",
-                "down_intrablock_additional_residuals", "encoder_attention_mask", "return_dict")
-
-
-def _bind(in_spec, constants: dict[int, Any], args: tuple, kwargs: dict) -> list:
-    """Flatten a call (args, kwargs) against `in_spec`; fill and check the exported constant leaves."""
-    arg_spec, kw_spec = _children(in_spec)
-    kwargs = dict(kwargs)
-    n = len(_children(arg_spec))
-    if len(args) > n and n == 2 and len(args) <= n + len(FORWARD_ARGS):
-        for key, value in zip(FORWARD_ARGS, args[n:]):
-            if key in kwargs:
-                raise TypeError(f"{key} given both positionally and as a keyword")
-            kwargs[key] = value
-        args = args[:n]
-    for i, key in enumerate(kw_spec.context):   # constants left out (e.g. return_dict) take the exported value
-        if key not in kwargs and _children(kw_spec)[i].is_leaf():
-            pos = arg_spec.num_leaves + sum(s.num_leaves for s in _children(kw_spec)[:i])
-            if pos in constants:
-                kwargs[key] = constants[pos]
-    if len(args) != len(_children(arg_spec)):
-        raise ValueError(f"expected {len(_children(arg_spec))} positional inputs (sample, timestep), got {len(args)}")
-    bound = (tuple(_reorder(a, s, f"args[{i}]") for i, (a, s) in enumerate(zip(args, _children(arg_spec)))),
-             _reorder(kwargs, kw_spec, ""))
-    leaves, spec = pytree.tree_flatten(bound)
-    if spec != in_spec:
-        raise ValueError(f"inputs differ in structure from the exported ones: expected {in_spec}, got {spec}")
-    for pos, value in constants.items():
-        if leaves[pos] != value:
-            raise ValueError(f"{_leaf_names(in_spec)[pos]} was exported as the constant {value!r}, got {leaves[pos]!r}")
-    return leaves
-
-
-def _leaf_names(in_spec) -> list[str]:
-    dummy = pytree.tree_unflatten(list(range(in_spec.num_leaves)), in_spec)
-    names = []
-    for path, _ in pytree.tree_flatten_with_path(dummy)[0]:
-        head, rest = path[0], path[1:]
-        if head.idx == 0:
-            names.append(("sample", "timestep")[rest[0].idx] + pytree.keystr(rest[1:]) if rest[0].idx < 2
-                         else f"args[{rest[0].idx}]")
-        else:
-            names.append(rest[0].key + pytree.keystr(rest[1:]))
-    return names
-
-
-def _signature(names, leaves) -> list[dict]:
-    return [{"name": names[i], "shape": list(v.shape), "dtype": str(v.dtype)}
-            for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
-
-
-def _check_tensors(tensors, expected: list[dict], what: str) -> None:
-    """Static shapes: any other shape or dtype is an error naming the input (never a silent recompile)."""
-    for t, want in zip(tensors, expected):
-        if not isinstance(t, torch.Tensor) or list(t.shape) != want["shape"] or str(t.dtype) != want["dtype"]:
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else repr(t)
-            raise ValueError(f"{want['name']}: this {what} was compiled for {tuple(want['shape'])} {want['dtype']}, "
-                             f"got {got}")
-
+# Inputs: bound by the runtime's one Signature; here only moved between devices.
 
 def _to(tree, device):
     return pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), tree)
@@ -193,24 +113,23 @@ def _home_device(leaves) -> torch.device:
 class OpenXLAModule(torch.nn.Module):
     """`torch.compile(program.module(), backend="openxla")` on the XLA device, called like `ep.module()`."""
 
-    def __init__(self, program: torch.export.ExportedProgram, device: torch.device):
+    def __init__(self, program: torch.export.ExportedProgram, device: torch.device,
+                 signature: Signature | None = None):
         super().__init__()
         self.program = program          # moved to `device`
         self.device = device
-        self._in_spec = program.call_spec.in_spec
-        ex_args, ex_kwargs = program.example_inputs
-        leaves = pytree.tree_flatten((ex_args, ex_kwargs))[0]
-        self._constants = {i: v for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)}
-        self._expected = _signature(_leaf_names(self._in_spec), leaves)
+        self.signature = signature or Signature.from_program(program)
         self.module_ = program.module()
         self.compiled = torch.compile(self.module_, backend="openxla", fullgraph=True, dynamic=False)
         self.compile_seconds: float | None = None   # wall time of the first call (trace + XLA compile + run)
 
     def forward(self, *args, **kwargs):
-        leaves = _bind(self._in_spec, self._constants, args, kwargs)
-        _check_tensors([v for v in leaves if isinstance(v, torch.Tensor)], self._expected, "openxla module")
-        home = _home_device(leaves)
-        a, k = pytree.tree_unflatten(_to(leaves, self.device), self._in_spec)
+        return self.call_bound(*self.signature.bind(*args, **kwargs))
+
+    def call_bound(self, args: tuple, kwargs: dict):
+        """Run inputs already bound by the signature."""
+        home = _home_device(pytree.tree_leaves((args, kwargs)))
+        a, k = _to((args, kwargs), self.device)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = self.compiled(*a, **k)
@@ -234,7 +153,7 @@ def compile_openxla(program: torch.export.ExportedProgram, *, optimize: bool = F
     _torch_xla()
     program = _maybe_optimize(_check_program(program), optimize)
     device = torch.device(device) if device is not None else xla_device()
-    return OpenXLAModule(_move_program(program, device), device)
+    return OpenXLAModule(_move_program(program, device), device, Signature.from_program(program))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,25 +163,26 @@ class _FlatInputs(torch.nn.Module):
     """The program's module called with its tensor inputs only, positionally (torch_xla's StableHLO exporter
     takes no keyword inputs); non-tensor inputs stay the exported constants."""
 
-    def __init__(self, module, in_spec, leaves, tensor_positions):
+    def __init__(self, module, signature: Signature):
         super().__init__()
         self.inner = module
-        self._in_spec = in_spec
-        self._leaves = list(leaves)
-        self._positions = list(tensor_positions)
+        self._signature = signature
+        self._leaves = [leaf.value for leaf in signature.leaves]
+        self._positions = [i for i, leaf in enumerate(signature.leaves) if leaf.is_tensor]
 
     def forward(self, *tensors):
         leaves = list(self._leaves)
         for pos, t in zip(self._positions, tensors):
             leaves[pos] = t
-        args, kwargs = pytree.tree_unflatten(leaves, self._in_spec)
+        args, kwargs = pytree.tree_unflatten(leaves, pytree.treespec_loads(self._signature.spec))
         return self.inner(*args, **kwargs)
 
 
-def _json_constant(value, name):
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise ValueError(f"export_stablehlo: the non-tensor input {name} = {value!r} cannot be saved in the manifest")
+def _check_json_constants(signature: Signature) -> None:
+    for leaf in signature.leaves:
+        if not leaf.is_tensor and not (leaf.value is None or isinstance(leaf.value, (bool, int, float, str))):
+            raise ValueError(f"export_stablehlo: the non-tensor input {leaf.name} = {leaf.value!r} cannot be "
+                             f"saved in the manifest")
 
 
 class StableHLOModule:
@@ -273,10 +193,7 @@ class StableHLOModule:
         self.manifest = manifest
         self.path = path
         self.device = device
-        self._in_spec = pytree.treespec_loads(manifest["in_spec"])
-        self._constants = {int(k): v for k, v in manifest["constants"].items()}
-        self._positions = manifest["tensor_positions"]
-        self._inputs = manifest["inputs"]
+        self.signature = Signature.from_json(manifest["signature"])
         # Weights go to the device once, not on every call (the bundle keeps numpy arrays otherwise).
         bundle = graph._bundle
         bundle.state_dict = {k: torch.from_numpy(v).to(device) if not isinstance(v, torch.Tensor) else v.to(device)
@@ -288,65 +205,65 @@ class StableHLOModule:
         return self.graph.get_stablehlo_text()
 
     def __call__(self, *args, **kwargs):
-        leaves = _bind(self._in_spec, self._constants, args, kwargs)
-        tensors = [leaves[p] for p in self._positions]
-        _check_tensors(tensors, self._inputs, "StableHLO artifact")
+        return self.call_bound(*self.signature.bind(*args, **kwargs))
+
+    def call_bound(self, args: tuple, kwargs: dict):
+        leaves = pytree.tree_leaves((args, kwargs))
+        tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
         home = _home_device(tensors)
         out = self.graph(*[t.to(self.device) for t in tensors])
         return _to(out, home) if home.type != "xla" else out
+
+
+def write_stablehlo(program: torch.export.ExportedProgram, folder, *, include_text: bool = True,
+                    doc: dict | None = None) -> dict:
+    """Lower `program` to StableHLO and write it with its weights and manifest into the (new, empty) folder.
+    `doc`: extra entries for the manifest (the compiled UNet's artifact document). Returns the manifest."""
+    torch_xla = _torch_xla()
+    from torch_xla.stablehlo import StableHLOExportOptions, exported_program_to_stablehlo
+
+    signature = Signature.from_program(program)
+    _check_json_constants(signature)
+    t0 = time.perf_counter()
+    flat = _FlatInputs(program.module(), signature)
+    tensors = tuple(v for v in pytree.tree_leaves(program.example_inputs) if isinstance(v, torch.Tensor))
+    with torch.no_grad():
+        flat_program = torch.export.export(flat, tensors, strict=False)
+    graph = exported_program_to_stablehlo(flat_program, StableHLOExportOptions(include_human_readable_text=include_text))
+    manifest = {**(doc or {}), "format": FORMAT, "signature": signature.to_json(), "torch": torch.__version__,
+                "torch_xla": getattr(torch_xla, "__version__", "?"),
+                "lower_seconds": round(time.perf_counter() - t0, 3)}
+    graph.save(str(folder))
+    with open(Path(folder) / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
 
 
 def export_stablehlo(program: torch.export.ExportedProgram, path, *, optimize: bool = False,
                      include_text: bool = True) -> StableHLOModule:
     """Lower `program` to StableHLO and save it with its weights to the directory `path` (replaced atomically).
     Returns the artifact, ready to run. `optimize=True` runs `passes.optimize` first."""
-    torch_xla = _torch_xla()
-    from torch_xla.stablehlo import StableHLOExportOptions, exported_program_to_stablehlo
-
+    _torch_xla()
     program = _maybe_optimize(_check_program(program), optimize)
-    in_spec = program.call_spec.in_spec
-    ex_args, ex_kwargs = program.example_inputs
-    leaves, spec = pytree.tree_flatten((ex_args, ex_kwargs))
-    if spec != in_spec:
-        raise ValueError("export_stablehlo: the program's example inputs do not match its input structure")
-    names = _leaf_names(in_spec)
-    positions = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
-    constants = {str(i): _json_constant(v, names[i]) for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)}
-    tensors = tuple(leaves[i] for i in positions)
+    with atomic_dir(path) as tmp:
+        manifest = write_stablehlo(program, tmp, include_text=include_text, doc={"optimized": bool(optimize)})
+    return load_stablehlo(path)
 
-    t0 = time.perf_counter()
-    flat = _FlatInputs(program.module(), in_spec, leaves, positions)
-    with torch.no_grad():
-        flat_program = torch.export.export(flat, tensors, strict=False)
-    graph = exported_program_to_stablehlo(flat_program, StableHLOExportOptions(include_human_readable_text=include_text))
-    lower_seconds = time.perf_counter() - t0
 
-    manifest = {
-        "format": FORMAT,
-        "in_spec": pytree.treespec_dumps(in_spec),
-        "tensor_positions": positions,
-        "constants": constants,
-        "inputs": _signature(names, leaves),
-        "optimized": bool(optimize),
-        "torch": torch.__version__,
-        "torch_xla": getattr(torch_xla, "__version__", "?"),
-        "lower_seconds": round(lower_seconds, 3),
-    }
+def read_manifest(path) -> dict:
+    """The manifest of a StableHLO artifact folder; a missing or damaged one is a DamagedArtifact naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise DamagedArtifact(f"{path}: not a compiled_unet StableHLO artifact (no {MANIFEST})")
     try:
-        graph.save(str(tmp))
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1)
-        if path.exists():
-            os.rename(path, old)
-        os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return StableHLOModule(graph, manifest, path, xla_device())
+        manifest = json.loads(manifest_file.read_text())
+        Signature.from_json(manifest["signature"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise DamagedArtifact(f"{manifest_file}: damaged StableHLO artifact manifest") from None
+    if manifest.get("format") != FORMAT:
+        raise DamagedArtifact(f"{path}: unknown artifact format {manifest.get('format')!r} (expected {FORMAT!r})")
+    return manifest
 
 
 def load_stablehlo(path, device=None) -> StableHLOModule:
@@ -354,16 +271,78 @@ def load_stablehlo(path, device=None) -> StableHLOModule:
     _torch_xla()
     from torch_xla.stablehlo import StableHLOGraphModule
 
-    path = Path(path)
-    manifest_file = path / MANIFEST
-    if not manifest_file.is_file():
-        raise FileNotFoundError(f"not a compiled_unet StableHLO artifact (no {MANIFEST}): {path}")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown artifact format {manifest.get('format')!r} (expected {FORMAT!r})")
+    manifest = read_manifest(path)
     device = torch.device(device) if device is not None else xla_device()
-    return StableHLOModule(StableHLOGraphModule.load(str(path)), manifest, path, device)
+    try:
+        graph = StableHLOGraphModule.load(str(path))
+    except Exception as e:  # noqa: BLE001 - torch_xla's errors name neither the folder nor the cause
+        raise DamagedArtifact(f"{path}: the StableHLO artifact is damaged and cannot be loaded "
+                              f"({type(e).__name__})") from None
+    return StableHLOModule(graph, manifest, Path(path), device)
 
 
-__all__ = ["FORMAT", "OpenXLAModule", "StableHLOModule", "XLAEnvironmentMissing", "available", "compile_count",
-           "compile_openxla", "export_stablehlo", "load_stablehlo", "xla_device"]
+# --------------------------------------------------------------------------------------------------
+# Runners for CompiledUNet (the protocol in backends/__init__.py).
+
+class _XlaRunnerBase:
+    options = None
+    artifact_is_dir = True
+
+    def prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, kwargs
+
+    def constant_specs(self) -> dict[str, list]:
+        return {}
+
+    def swap_refusal(self) -> str | None:
+        return ("swap_weights is not supported on the xla backend yet: compile again, or write one StableHLO "
+                "artifact per weight set")
+
+    def load_constants(self, tensors) -> None:
+        raise NotImplementedError(self.swap_refusal())
+
+
+class OpenXlaRunner(_XlaRunnerBase):
+    """dynamo's openxla backend on the XLA device, compiled on the example inputs at construction."""
+
+    kind = "openxla"
+
+    def __init__(self, program: torch.export.ExportedProgram, args: tuple, kwargs: dict):
+        self.program = program
+        self.module = compile_openxla(program)
+        self.module.call_bound(args, kwargs)
+        self.compile_seconds = self.module.compile_seconds
+
+    def __call__(self, args: tuple, kwargs: dict):
+        return tuple(self.module.call_bound(args, kwargs))
+
+    def save(self, path: str, doc: dict) -> None:
+        write_stablehlo(self.program, path, doc=doc)
+
+
+class StableHLORunner(_XlaRunnerBase):
+    """A loaded StableHLO artifact folder."""
+
+    kind = "stablehlo"
+    compile_seconds = None
+
+    def __init__(self, module: StableHLOModule):
+        self.module = module
+        self.doc = module.manifest
+
+    @classmethod
+    def load(cls, path) -> "StableHLORunner":
+        return cls(load_stablehlo(path))
+
+    def __call__(self, args: tuple, kwargs: dict):
+        return tuple(self.module.call_bound(args, kwargs))
+
+    def save(self, path: str, doc: dict) -> None:
+        shutil.copytree(self.module.path, path, dirs_exist_ok=True)
+        with open(Path(path) / MANIFEST, "w") as f:
+            json.dump({**self.doc, **doc, "format": FORMAT, "signature": self.doc["signature"]}, f, indent=1)
+
+
+__all__ = ["FORMAT", "OpenXLAModule", "OpenXlaRunner", "StableHLOModule", "StableHLORunner", "XLAEnvironmentMissing",
+           "available", "compile_count", "compile_openxla", "export_stablehlo", "load_stablehlo", "read_manifest",
+           "write_stablehlo", "xla_device"]

@@ -1,0 +1,260 @@
+"""The runtime of compiled UNets: the one Signature (timesteps, positional calls, check_finite), no silent wrong
+answer from damaged artifacts, wrong weights or concurrent calls, the meta skeleton pipelines read, FreeU changed
+on a compiled graph without a recompile, and atomic saves into folders that do not exist yet.
+
+Cheap tests need no compile; the others share tests/compiled_fixtures.py's artifacts plus one FreeU compile.
+Tolerance for compiled fp32 vs eager: max-abs <= 1e-4 x output scale (assert_close_to_eager).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import zipfile
+
+import pytest
+import torch
+
+import compiled_unet
+from cases import build, inputs_for
+from compiled_fixtures import (assert_close_to_eager, bucket_example, bundle_dir, compiled_buckets,  # noqa: F401
+                               compiled_jit, inductor_cache_files, swappable_aot, tiny_model)
+from compiled_unet.errors import DamagedArtifact
+from compiled_unet.runtime import Signature
+
+
+def _eager(model, *args, **kwargs):
+    with torch.no_grad():
+        return model(*args, **kwargs).sample
+
+
+def _signature(batch=2, timestep_dtype=torch.float32):
+    sample = torch.randn(batch, 4, 8, 8)
+    return Signature.from_call((sample, torch.zeros(batch, dtype=timestep_dtype)),
+                               {"encoder_hidden_states": torch.randn(batch, 5, 8), "return_dict": False})
+
+
+# --------------------------------------------------------------------------------------------------
+# Signature (no compile)
+
+def test_fractional_timesteps_are_kept_exactly():
+    sig = _signature()
+    for t in (10.5, torch.tensor(10.5), torch.tensor([10.5, 981.25]), torch.tensor([10.5, 3.0], dtype=torch.float64)):
+        args, _ = sig.bind(torch.randn(2, 4, 8, 8), t, torch.randn(2, 5, 8))
+        assert args[1].dtype == torch.float32
+        assert args[1][0].item() == 10.5
+    args, _ = sig.bind(torch.randn(2, 4, 8, 8), torch.tensor([7, 9]), torch.randn(2, 5, 8))  # ints convert exactly
+    assert args[1].tolist() == [7.0, 9.0]
+
+
+def test_integer_timestep_graph_refuses_fractional_values():
+    sig = _signature(timestep_dtype=torch.int64)
+    args, _ = sig.bind(torch.randn(2, 4, 8, 8), 10.0, torch.randn(2, 5, 8))  # integral: fine
+    assert args[1].tolist() == [10, 10]
+    with pytest.raises(ValueError, match="fractional.*truncated"):
+        sig.bind(torch.randn(2, 4, 8, 8), 10.5, torch.randn(2, 5, 8))
+
+
+def test_positional_and_keyword_calls_bind_alike():
+    sig = _signature()
+    x, e = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 8)
+    a1, k1 = sig.bind(x, 3, e)
+    a2, k2 = sig.bind(x, timestep=3, encoder_hidden_states=e)
+    assert torch.equal(a1[1], a2[1]) and k1["encoder_hidden_states"] is k2["encoder_hidden_states"]
+    assert k1["return_dict"] is False  # a constant leaf left out of the call takes the compiled value
+    with pytest.raises(TypeError, match="both positionally and as a keyword"):
+        sig.bind(x, 3, e, encoder_hidden_states=e)
+    with pytest.raises(TypeError, match="unexpected input 'encoder_states'"):
+        sig.bind(x, 3, encoder_states=e)
+    with pytest.raises(ValueError, match=r"compiled without \['class_labels'\]"):
+        sig.bind(x, 3, e, torch.tensor([1, 2]))
+
+
+def test_check_finite_names_the_input():
+    sig = _signature()
+    e = torch.randn(2, 5, 8)
+    e[1, 2, 3] = float("nan")
+    sig.bind(torch.randn(2, 4, 8, 8), 3, e)  # off by default: NaN propagates as in eager
+    with pytest.raises(ValueError, match="encoder_hidden_states contains NaN or inf"):
+        sig.bind(torch.randn(2, 4, 8, 8), 3, e, check_finite=True)
+    x = torch.randn(2, 4, 8, 8)
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="sample contains NaN or inf"):
+        sig.bind(x, 3, torch.randn(2, 5, 8), check_finite=True)
+
+
+def test_signature_json_round_trip():
+    sig = _signature()
+    assert Signature.from_json(sig.to_json()) == sig
+    args, kwargs = sig.random_inputs(seed=1)
+    sig.bind(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Artifacts: damaged, foreign and missing (no compile)
+
+@pytest.mark.parametrize("content", [b"", os.urandom(4096), b"PK\x03\x04" + os.urandom(200)])
+def test_random_or_empty_file_is_named_as_damaged(tmp_path, content):
+    path = tmp_path / "unet.pt2"
+    path.write_bytes(content)
+    with pytest.raises(DamagedArtifact, match=str(path)):
+        compiled_unet.load(path)
+
+
+def test_foreign_zip_and_foreign_folders(tmp_path):
+    path = tmp_path / "other.pt2"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("data.txt", "hello")
+    with pytest.raises(DamagedArtifact, match="not a compiled UNet package"):
+        compiled_unet.load(path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DamagedArtifact, match="not a compiled UNet artifact"):
+        compiled_unet.load(tmp_path / "folder")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{not json")
+    with pytest.raises(DamagedArtifact, match="damaged bucket bundle manifest"):
+        compiled_unet.load(bundle)
+    (bundle / "manifest.json").write_text('{"format": "compiled_unet.buckets/1", "buckets": ["bucket_0.pt2"]}')
+    with pytest.raises(DamagedArtifact, match="missing"):
+        compiled_unet.load(bundle)
+    xla_dir = tmp_path / "hlo"
+    xla_dir.mkdir()
+    (xla_dir / "compiled_unet_xla.json").write_text("[]")
+    with pytest.raises((DamagedArtifact, RuntimeError), match="damaged|XLA environment missing"):
+        compiled_unet.load(xla_dir)
+    with pytest.raises(FileNotFoundError, match="no compiled UNet"):
+        compiled_unet.load(tmp_path / "missing.pt2")
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiled (shared fixtures)
+
+pytestmark_slow = pytest.mark.slow
+
+
+@pytestmark_slow
+def test_truncated_and_corrupted_packages_are_named(tmp_path, bundle_dir):
+    data = open(os.path.join(bundle_dir, "bucket_0.pt2"), "rb").read()
+    truncated = tmp_path / "truncated.pt2"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DamagedArtifact, match="truncated.pt2"):
+        compiled_unet.load(truncated)
+    corrupt = bytearray(data)
+    middle = len(corrupt) // 2
+    corrupt[middle:middle + 64] = bytes(64)  # weights or code flipped: the zip checksums catch it
+    (tmp_path / "corrupt.pt2").write_bytes(bytes(corrupt))
+    with pytest.raises(DamagedArtifact, match="corrupt.pt2"):
+        compiled_unet.load(tmp_path / "corrupt.pt2")
+
+
+@pytestmark_slow
+def test_save_creates_missing_folders_and_leaves_no_temporary(tmp_path, compiled_buckets):
+    target = tmp_path / "new" / "deeper" / "unet.pt2"
+    assert compiled_unet.save(compiled_buckets.buckets[0], target) == str(target)
+    assert os.listdir(target.parent) == ["unet.pt2"]
+    bundle = compiled_unet.save(compiled_buckets, tmp_path / "other" / "bundle")
+    assert sorted(os.listdir(bundle)) == ["bucket_0.pt2", "bucket_1.pt2", "manifest.json"]
+    assert os.listdir(tmp_path / "other") == ["bundle"]
+
+
+@pytestmark_slow
+def test_concurrent_calls_then_an_unrelated_torch_compile(tiny_model, compiled_jit):
+    """4 threads x 25 calls with different inputs: every output equals eager; afterwards torch.compile of an
+    unrelated function still compiles in this process (no process-global state was left changed)."""
+    model, (sample, timestep), kwargs = tiny_model
+    ehs = kwargs["encoder_hidden_states"]
+    results, errors = {}, []
+
+    def worker(k):
+        try:
+            for i in range(25):
+                x = sample * (0.5 + 0.1 * k) + 0.01 * i
+                results[(k, i)] = (x, compiled_jit(x, timestep + i, ehs).sample)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 100
+    for (k, i), (x, out) in list(results.items())[::7]:
+        assert_close_to_eager(out, _eager(model, x, timestep + i, ehs))
+    double = torch.compile(lambda a: a * 2 + 1, backend="eager", fullgraph=True)
+    assert torch.equal(double(torch.ones(3)), torch.full((3,), 3.0))
+
+
+@pytestmark_slow
+def test_skeleton_answers_what_pipelines_read(tiny_model, compiled_jit):
+    model = tiny_model[0]
+    c = compiled_jit
+    assert c.time_embedding.linear_1.in_features == model.time_embedding.linear_1.in_features
+    assert [type(b).__name__ for b in c.down_blocks] == [type(b).__name__ for b in model.down_blocks]
+    assert type(c.mid_block).__name__ == type(model.mid_block).__name__
+    assert set(c.attn_processors) == set(model.attn_processors)
+    assert c.encoder_hid_proj is None and model.encoder_hid_proj is None
+    assert all(p.device.type == "meta" for p in c.up_blocks.parameters())  # no weights held twice
+    assert list(c.parameters()) == []
+    with pytest.raises(AttributeError):
+        c.not_an_attribute
+    assert c.to("cpu") is c and c.to(torch.float32) is c
+    with pytest.raises(ValueError, match="compiled for cpu float32"):
+        c.to(torch.float16)
+    with pytest.raises(RuntimeError, match="compile again"):
+        c.set_attn_processor(None)
+    c.fuse_qkv_projections()  # the fuse_qkv pass fused them already
+    c.unfuse_qkv_projections()
+
+
+@pytestmark_slow
+def test_loaded_package_refuses_wrong_weights_and_keeps_the_old_ones(tmp_path, swappable_aot):
+    compiled, path = swappable_aot
+    loaded = compiled_unet.load(path)
+    ex = bucket_example(0)
+    sample, timestep = ex.pop("sample"), ex.pop("timestep")
+    before = loaded(sample, timestep, **ex).sample.clone()
+    good = compiled.derive_weights(build("sd", seed=3).state_dict())
+    name = next(n for n, v in good.items() if v.ndim == 2)
+    for bad, message in (({**good, name: good[name].T.contiguous()}, "shape|holds"),
+                         ({**good, name: good[name].double()}, "float64"),
+                         ({**good, name: "weights"}, "str"),
+                         ({**good, "no.such.weight": good[name]}, "not weights of this compiled graph")):
+        with pytest.raises(ValueError, match=message):
+            loaded.swap_weights(bad)
+        assert torch.equal(loaded(sample, timestep, **ex).sample, before)  # untouched after the refusal
+
+
+@functools.lru_cache(None)
+def _freeu_model_and_compiled():
+    model = build("sd")
+    model.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    (sample, timestep), kwargs = inputs_for("sd", batch=2, hw=(8, 8))
+    return model, (sample, timestep), kwargs, compiled_unet.compile(model, sample, timestep, **kwargs)
+
+
+@pytestmark_slow
+def test_freeu_changes_on_the_compiled_graph_without_recompile():
+    """Compiled with FreeU (frozen, the CPU default): the scales are graph inputs, so enable_freeu/disable_freeu
+    on the compiled UNet match eager with the same scales, with no new compiled code."""
+    model, (sample, timestep), kwargs, compiled = _freeu_model_and_compiled()
+    assert compiled.options.freezing
+    assert_close_to_eager(compiled(sample, timestep, **kwargs).sample, _eager(model, sample, timestep, **kwargs))
+    files = inductor_cache_files()
+    for scales in (dict(s1=1.0, s2=0.5, b1=1.1, b2=1.0), dict(s1=0.6, s2=0.9, b1=1.5, b2=1.3)):
+        model.enable_freeu(**scales)
+        compiled.enable_freeu(**scales)
+        assert_close_to_eager(compiled(sample, timestep, **kwargs).sample, _eager(model, sample, timestep, **kwargs))
+    model.disable_freeu()
+    compiled.disable_freeu()
+    assert_close_to_eager(compiled(sample, timestep, **kwargs).sample, _eager(model, sample, timestep, **kwargs))
+    assert inductor_cache_files() == files
+
+
+@pytestmark_slow
+def test_freeu_needs_freeu_in_the_graph(compiled_jit):
+    with pytest.raises(RuntimeError, match="no FreeU in its graph"):
+        compiled_jit.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    compiled_jit.disable_freeu()  # already off: nothing to do
