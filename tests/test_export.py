@@ -71,3 +71,39 @@ def test_export_accepts_diffusers_unet():
     ref = randomize_(diffusers.UNet2DConditionModel(**BASE)).eval()
     args, kwargs = inputs_for("sd")
     _export_and_compare(ref, args, kwargs)
+
+
+@pytest.mark.parametrize("source", ["ours", "diffusers"])
+def test_program_is_called_like_the_model(source):
+    """ep.module() takes the UNet's own calls: positional text, keyword text, return_dict left out or False."""
+    if source == "diffusers":
+        diffusers = pytest.importorskip("diffusers")
+        from tests.cases import BASE, randomize_
+        model = randomize_(diffusers.UNet2DConditionModel(**BASE)).eval()
+    else:
+        model = build("sd")
+    (sample, t), kwargs = inputs_for("sd")
+    text = kwargs["encoder_hidden_states"]
+    with torch.no_grad():
+        ref = model(sample, t, text).sample
+    ep = compiled_unet.export(model, sample, t, text)
+    # The program keeps torch.export's structure (backends read it) and the UNet's own weights and modules.
+    assert ep.call_spec.in_spec == torch.utils._pytree.tree_flatten(
+        ((sample, t), {"encoder_hidden_states": text, "return_dict": False}))[1]
+    assert list(ep.state_dict) == [k for k in model.state_dict() if k in ep.state_dict]
+    assert set(ep.state_dict) | set(ep.constants) >= {n for n, _ in model.named_parameters()}
+    stacks = [n.meta["nn_module_stack"] for n in ep.graph.nodes if n.op == "call_function"]
+    assert any(path == "down_blocks.0.attentions.0" for s in stacks for path, _ in s.values())
+    program = ep.module()
+    with torch.no_grad():
+        for out in (program(sample, t, text), program(sample, t, encoder_hidden_states=text),
+                    program(sample=sample, timestep=t, encoder_hidden_states=text),
+                    program(sample, t, text, return_dict=False), program(sample, t, text, class_labels=None)):
+            assert isinstance(out, tuple) and len(out) == 1
+            _assert_close(out[0], ref)
+    with pytest.raises(ValueError, match="return_dict=True"):
+        program(sample, t, text, return_dict=True)
+    with pytest.raises(ValueError, match=r"\['class_labels'\] were not part of the export"):
+        program(sample, t, text, class_labels=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match=r"missing inputs \['encoder_hidden_states'\]"):
+        program(sample, t)
