@@ -101,4 +101,12 @@ def export(unet: torch.nn.Module, sample: torch.Tensor, timestep, encoder_hidden
             ep = torch.export.export(unet, (sample, timestep), kwargs, strict=strict)
     finally:
         unet.train(was_training)
-    return UNetProgram.wrap(ep, tuple(inspect.signature(unet.forward).parameters))
+    return UNetProgram.wrap(ep, _positional_params(unet.forward))
+
+
+def _positional_params(forward):
+    """Names positional inputs bind to; None (UNet2DConditionModel's order) for a forward taking *args."""
+    params = inspect.signature(forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
