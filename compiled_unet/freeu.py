@@ -2,8 +2,9 @@
 
 diffusers writes FreeU with in-place slice assignment and a Python-float mask; here the backbone
 scale is one channel-scale multiply and the skip filter multiplies the spectrum by
-`where(low_freq_rect, s, 1)`. The numbers are the same: x * b for the first half of the channels,
-x * 1 (exact) for the rest, and the same float32 mask values in the Fourier domain.
+`where(low_freq_rect, s, 1)`. The numbers are the same, bit for bit in fp32, bf16 and fp16: x * b in
+ATen's op-math dtype for the first half of the channels, x * 1 (exact) for the rest, and the same float32
+FFT and mask values in the Fourier domain (tests/test_freeu.py).
 """
 from __future__ import annotations
 
@@ -46,8 +47,10 @@ def scale_backbone(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     half = x.shape[1] // 2
     ones = torch.ones(x.shape[1] - half, dtype=torch.float32, device=x.device)
     channel_scale = torch.cat([b.to(x.device).expand(half), ones]).view(1, -1, 1, 1)
-    # diffusers multiplies by a Python float, i.e. in float32 arithmetic, then rounds to x's dtype.
-    return (x.float() * channel_scale).to(x.dtype)
+    # diffusers multiplies by a Python float, which ATen computes in the op-math dtype (float32 for
+    # bf16/fp16/fp32, float64 for fp64) and rounds once to x's dtype: bit-equal for bf16/fp16/fp32.
+    opmath = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(opmath) * channel_scale.to(opmath)).to(x.dtype)
 
 
 def low_frequency_rect(height: int, width: int, threshold: int = 1, device=None) -> torch.Tensor:
@@ -59,8 +62,9 @@ def low_frequency_rect(height: int, width: int, threshold: int = 1, device=None)
 
 
 def fourier_filter(x: torch.Tensor, s: torch.Tensor, threshold: int = 1) -> torch.Tensor:
-    """Scale the low frequencies of x's spatial spectrum by s. Computed in float32 (as diffusers does
-    for every size where the FFT needs it)."""
+    """Scale the low frequencies of x's spatial spectrum by s, in float32 whatever x's dtype, rounded back
+    once: diffusers' `fourier_filter` upcasts every non-float32 input (bf16 has no FFT; fp16 would give
+    complex32) and every non-power-of-two size, and casts back, so ours is bit-equal to it in every dtype."""
     h, w = x.shape[-2:]
     x_freq = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
     mask = torch.where(low_frequency_rect(h, w, threshold, x.device), s.to(x.device), torch.ones((), device=x.device))

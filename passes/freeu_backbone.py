@@ -1,4 +1,9 @@
-"""FreeU backbone scale written as an in-place slice write -> one functional channel-scale multiply."""
+"""FreeU backbone scale written as an in-place slice write -> one functional channel-scale multiply.
+
+diffusers multiplies by a Python float, which ATen computes in the op-math dtype (float32 for bf16/fp16,
+float64 for fp64) and rounds once; the functional multiply does the same (x upcast, scale in op-math
+dtype, result cast back), so the rewrite is bit-exact in every dtype.
+"""
 import logging
 
 import torch
@@ -48,18 +53,22 @@ def freeu_backbone(gm: fx.GraphModule, ctx) -> int:
         if early or len(src.users) != 1 or len(a.users) != 1 or len(dst.users) != 1:
             continue
         C = xv.shape[1]
+        opmath = torch.promote_types(xv.dtype, torch.float32)
         if isinstance(b, fx.Node):
             cond = ctx.add_constant(f"_freeu.channel_mask_{C}_{k}", (torch.arange(C) < k).view(C, 1, 1))
         else:
-            v = torch.ones(C, 1, 1, dtype=xv.dtype)
+            v = torch.ones(C, 1, 1, dtype=opmath)
             v[:k] = b
             scale = ctx.add_constant("_freeu.backbone_scale", v)
         with graph.inserting_before(copy.next):
             if isinstance(b, fx.Node):
                 scale = ctx.call(aten.where.ScalarOther, (cond, b, 1.0), like=src)
-                if val(scale).dtype != xv.dtype:
-                    scale = ctx.call(aten.to.dtype, (scale, xv.dtype), like=src)
-            y = ctx.call(aten.mul.Tensor, (x, scale), like=src)
+                if val(scale).dtype != opmath:
+                    scale = ctx.call(aten.to.dtype, (scale, opmath), like=src)
+            xo = x if opmath == xv.dtype else ctx.call(aten.to.dtype, (x, opmath), like=src)
+            y = ctx.call(aten.mul.Tensor, (xo, scale), like=src)
+            if opmath != xv.dtype:
+                y = ctx.call(aten.to.dtype, (y, xv.dtype), like=src)
         for u in list(x.users):
             if u is not y and order.get(u, -1) > order[copy]:
                 u.replace_input_with(x, y)

@@ -6,6 +6,10 @@ The low-frequency mask is M = 1 + (s - 1) R with R = r_h r_w^T a rectangle, so f
 
 and Re(A x B^T) = Ar x Br^T - Ai x Bi^T for real x: two pairs of real matmuls with H x H and W x W
 operators derived in float64 when the pass runs and checked against torch.fft.
+
+The matmuls run in the dtype the FFT ran in: diffusers (and our FreeU) upcast bf16/fp16 skips to float32
+for the FFT and round the filtered result back once, so the upcast and the final cast stay in the graph.
+Running the operators in bf16 instead would round x, the operators and every partial product to bf16.
 """
 import logging
 
@@ -19,7 +23,6 @@ aten = torch.ops.aten
 
 _FFT = {aten.fft_fftn.default, aten.fft_fft2.default}
 _IFFT = {aten.fft_ifftn.default, aten.fft_ifft2.default}
-_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
 
 
 def _dims(node, pos, ndim, default=(-2, -1)):
@@ -34,7 +37,7 @@ def _fft_ok(node, ndim):
 
 
 def _match(fft: fx.Node):
-    """fftn node -> (x, out_node, mask_node) or None."""
+    """fftn node -> (x, real node, mask, mask multiply) or None; x is the FFT's (real) input."""
     xin = fft.args[0]
     ndim = val(xin).dim()
     if ndim < 2 or not _fft_ok(fft, ndim):
@@ -57,14 +60,7 @@ def _match(fft: fx.Node):
     real = only_user(ifft)
     if real is None or real.target is not aten.real.default:
         return None
-    x = xin
-    if xin.op == "call_function" and xin.target in _CASTS and len(xin.users) == 1 and val(xin.args[0]).is_floating_point():
-        x = xin.args[0]  # the upcast to float32 goes away
-    out = real
-    cast = only_user(real)
-    if cast is not None and cast.target in _CASTS and val(cast).dtype == val(x).dtype:
-        out = cast
-    return x, out, mask, mul
+    return xin, real, mask, mul
 
 
 def _rect(d: torch.Tensor):
@@ -99,7 +95,7 @@ def _check(a, b, c, rh, rw) -> bool:
 
 
 def freeu_fourier(gm: fx.GraphModule, ctx) -> int:
-    """Replace each FreeU Fourier filter by x + (s-1)(Ar x Br^T - Ai x Bi^T): no fft, complex or upcast."""
+    """Replace each FreeU Fourier filter by x + (s-1)(Ar x Br^T - Ai x Bi^T), in the FFT's dtype: no fft or complex."""
     graph, n = gm.graph, 0
     for fft in [f for f in graph.nodes if f.op == "call_function" and f.target in _FFT]:
         hit = _match(fft)
@@ -152,8 +148,6 @@ def freeu_fourier(gm: fx.GraphModule, ctx) -> int:
                         s1 = ctx.call(aten.to.dtype, (s1, xv.dtype), like=out)
                     d = ctx.call(aten.mul.Tensor, (d, s1), like=out)
                 y = ctx.call(aten.add.Tensor, (x, d), like=out)
-            if val(out).dtype != xv.dtype:
-                y = ctx.call(aten.to.dtype, (y, val(out).dtype), like=out)
         out.replace_all_uses_with(y)
         n += 1
     log.info("freeu_fourier: %d Fourier filter(s) replaced", n)
