@@ -21,7 +21,7 @@ from torch.export import ExportedProgram
 
 from . import passes as graph_passes
 from .backends import AotRunner, InductorOptions, JitRunner, check_backend
-from .runtime.compiled import FREEU_INPUT, CompiledUNet, config_to_dict
+from .runtime.compiled import FREEU_INPUT, CompiledUNet, artifact_doc, config_to_dict
 from .runtime.signature import Signature
 # Kept importable from here (older code and tests): saving and loading live in runtime/artifacts.py.
 from .runtime.artifacts import load, save  # noqa: F401
@@ -94,8 +94,7 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
     else:
         resolved = options.resolve(sample.device)
         if resolved.aot:
-            compiled = CompiledUNet(None, signature, config_dict, freeu=freeu, fused_qkv=fused)
-            runner = AotRunner.compile(optimized, resolved, compiled.artifact_doc())
+            runner = AotRunner.compile(optimized, resolved, artifact_doc(signature, config_dict, freeu, fused))
         else:
             runner = JitRunner(optimized, resolved, args, kwargs)
     return CompiledUNet(runner, signature, config_dict, exported=exported, optimized=optimized, passes=passes,
@@ -119,7 +118,7 @@ def _export_with_freeu_inputs(unet, sample, timestep, kwargs) -> tuple[ExportedP
     owners = [(unet.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names]
     plain_forward = unet.forward
 
-    def forward(sample, timestep, *args, freeu_scales, **kw):
+    def forward(sample, timestep, *args, freeu_scales, **kw):  # freeu_scales: FREEU_INPUT
         # While tracing, the scale inputs stand in for the buffers: the graph reads the inputs instead.
         saved = [owner._buffers[attr] for owner, attr in owners]
         for (owner, attr), t in zip(owners, freeu_scales):
@@ -133,7 +132,7 @@ def _export_with_freeu_inputs(unet, sample, timestep, kwargs) -> tuple[ExportedP
     scales = tuple(buffers[n].detach().clone() for n in names)
     unet.forward = forward
     try:
-        program = export(unet, sample, timestep, **kwargs, freeu_scales=scales)
+        program = export(unet, sample, timestep, **kwargs, **{FREEU_INPUT: scales})
     finally:
         del unet.forward
     return program, {n: float(buffers[n]) for n in names}

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import compiled_unet._atomic  # noqa: F401 - used through compiled_unet in a test
+
 from compiled_unet.cli import main
 
 
@@ -91,4 +93,22 @@ def test_compile_and_run_error_paths(capsys, tmp_path):
     bad = tmp_path / "bad.pt2"
     bad.write_bytes(b"not a package")
     assert main(["run", str(bad)]) == 2
-    assert "cannot load" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{bad}: not a compiled UNet artifact, or a damaged one" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "folder").mkdir()
+    assert main(["run", str(tmp_path / "folder")]) == 2
+    assert "not a compiled UNet artifact" in capsys.readouterr().err
+
+
+def test_error_after_a_long_compile_is_one_line(capsys, tmp_path, monkeypatch):
+    """A user error that only shows when the artifact is written (an unwritable path), after the compile:
+    one line and exit 2, no traceback (the compile itself is stubbed here: what is tested is the verb)."""
+    import compiled_unet
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    monkeypatch.setattr(compiled_unet, "compile", lambda *a, **k: object())
+    monkeypatch.setattr(compiled_unet, "save", lambda compiled, path: compiled_unet._atomic.write_atomic(path, b""))
+    assert main(["compile", "--preset", "tiny", "--shapes", "1x8x8", "-o", str(blocker / "unet.pt2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compiled-unet: error: ") and str(blocker) in err and len(err.strip().splitlines()) == 1

@@ -119,7 +119,9 @@ class OpenXLAModule(torch.nn.Module):
         self.program = program          # moved to `device`
         self.device = device
         self.signature = signature or Signature.from_program(program)
-        self.module_ = program.module()
+        # The plain module (not a UNetProgram's, whose input-binding hook dynamo cannot trace): calls are
+        # bound by the signature before they reach it.
+        self.module_ = torch.export.ExportedProgram.module(program)
         self.compiled = torch.compile(self.module_, backend="openxla", fullgraph=True, dynamic=False)
         self.compile_seconds: float | None = None   # wall time of the first call (trace + XLA compile + run)
 
@@ -202,7 +204,8 @@ class StableHLOModule:
                                        for v in bundle.additional_constants]
 
     def stablehlo_text(self) -> str | None:
-        return self.graph.get_stablehlo_text()
+        text = self.graph.get_stablehlo_text()
+        return text.decode() if isinstance(text, bytes) else text
 
     def __call__(self, *args, **kwargs):
         return self.call_bound(*self.signature.bind(*args, **kwargs))
@@ -216,16 +219,16 @@ class StableHLOModule:
 
 
 def write_stablehlo(program: torch.export.ExportedProgram, folder, *, include_text: bool = True,
-                    doc: dict | None = None) -> dict:
+                    doc: dict | None = None):
     """Lower `program` to StableHLO and write it with its weights and manifest into the (new, empty) folder.
-    `doc`: extra entries for the manifest (the compiled UNet's artifact document). Returns the manifest."""
+    `doc`: extra entries for the manifest (the compiled UNet's artifact document). Returns (graph, manifest)."""
     torch_xla = _torch_xla()
     from torch_xla.stablehlo import StableHLOExportOptions, exported_program_to_stablehlo
 
     signature = Signature.from_program(program)
     _check_json_constants(signature)
     t0 = time.perf_counter()
-    flat = _FlatInputs(program.module(), signature)
+    flat = _FlatInputs(torch.export.ExportedProgram.module(program), signature)
     tensors = tuple(v for v in pytree.tree_leaves(program.example_inputs) if isinstance(v, torch.Tensor))
     with torch.no_grad():
         flat_program = torch.export.export(flat, tensors, strict=False)
@@ -236,7 +239,7 @@ def write_stablehlo(program: torch.export.ExportedProgram, folder, *, include_te
     graph.save(str(folder))
     with open(Path(folder) / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
-    return manifest
+    return graph, manifest
 
 
 def export_stablehlo(program: torch.export.ExportedProgram, path, *, optimize: bool = False,
@@ -246,8 +249,8 @@ def export_stablehlo(program: torch.export.ExportedProgram, path, *, optimize: b
     _torch_xla()
     program = _maybe_optimize(_check_program(program), optimize)
     with atomic_dir(path) as tmp:
-        manifest = write_stablehlo(program, tmp, include_text=include_text, doc={"optimized": bool(optimize)})
-    return load_stablehlo(path)
+        graph, manifest = write_stablehlo(program, tmp, include_text=include_text, doc={"optimized": bool(optimize)})
+    return StableHLOModule(graph, manifest, Path(path), xla_device())
 
 
 def read_manifest(path) -> dict:

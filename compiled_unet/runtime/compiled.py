@@ -306,8 +306,15 @@ class CompiledUNet(torch.nn.Module):
     # ----- artifacts
     def artifact_doc(self) -> dict:
         """What an artifact of this UNet records besides the compiled code (format-independent part)."""
-        return {"signature": self.signature.to_json(), "config": self._config_dict, "freeu": self.freeu_scales,
-                "fused_qkv": self.fused_qkv, "torch": torch.__version__}
+        return artifact_doc(self.signature, self._config_dict, self.freeu_scales, self.fused_qkv)
+
+
+def artifact_doc(signature: Signature, config: dict | None, freeu: Mapping[str, float] | None,
+                 fused_qkv: bool | None) -> dict:
+    """The artifact document: what `load` needs to rebuild a CompiledUNet without the model source (runners
+    add their options and weight specs)."""
+    return {"signature": signature.to_json(), "config": config, "freeu": None if freeu is None else dict(freeu),
+            "fused_qkv": fused_qkv, "torch": torch.__version__}
 
 
 def _freeu_stage(name: str) -> tuple[int, str]:
