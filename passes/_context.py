@@ -1,11 +1,13 @@
 """PassContext: what every pass gets besides the graph (weights, signature edits, fake values, eval)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import operator
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -16,8 +18,8 @@ log = logging.getLogger("passes")
 aten = torch.ops.aten
 
 # Input kinds in the order torch.export lays placeholders out.
-_KIND_ORDER = [InputKind.TOKEN, InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR,
-               InputKind.CUSTOM_OBJ, InputKind.USER_INPUT]
+_RANK = {k: i for i, k in enumerate([InputKind.TOKEN, InputKind.PARAMETER, InputKind.BUFFER,
+                                      InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ, InputKind.USER_INPUT])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,21 +44,33 @@ class OptimizeConfig:
 
 def is_view_op(target: Any) -> bool:
     """True for ops whose output may alias their first input (view, reshape, to, contiguous...)."""
-    if not isinstance(target, torch._ops.OpOverload):
-        return False
-    s = target._schema
+    return isinstance(target, torch._ops.OpOverload) and _is_view_schema(target)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_view_schema(op: torch._ops.OpOverload) -> bool:
+    s = op._schema
     return bool(s.returns) and s.returns[0].alias_info is not None and not s.returns[0].alias_info.is_write
+
+
+@functools.lru_cache(maxsize=None)
+def _written_arg(op: torch._ops.OpOverload) -> tuple[int, str] | None:
+    """(position, name) of the first argument the op writes to, or None."""
+    for i, a in enumerate(op._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            return i, a.name
+    return None
 
 
 def mutated_arg(node: fx.Node) -> fx.Node | None:
     """The tensor argument an in-place/out op writes to, or None."""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
-    for i, a in enumerate(node.target._schema.arguments):
-        if a.alias_info is not None and a.alias_info.is_write:
-            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
-            return v if isinstance(v, fx.Node) else None
-    return None
+    w = _written_arg(node.target)
+    if w is None:
+        return None
+    v = node.args[w[0]] if w[0] < len(node.args) else node.kwargs.get(w[1])
+    return v if isinstance(v, fx.Node) else None
 
 
 def view_base(node: fx.Node) -> fx.Node:
@@ -87,9 +101,10 @@ def alias_closure(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def is_aliased_or_mutated(node: fx.Node, bases: dict[fx.Node, list[fx.Node]]) -> bool:
-    """True if node's storage is written anywhere in the graph."""
-    return view_base(node) in bases
+def writes_into(base: fx.Node) -> list[fx.Node]:
+    """In-place nodes writing into base's storage (directly or through views), in graph order:
+    mutated_bases(graph)[base], found from base's users without scanning the graph."""
+    return sorted(u for x in alias_closure(base) for u in x.users if mutated_arg(u) is x)
 
 
 def val(node: Any) -> Any:
@@ -127,27 +142,28 @@ class PassContext:
         self.fake_mode = fake_mode
         self.config = config
         self.pass_name = ""
+        # Indexes of the signature, built once and kept in step by _add_input / remove_unused_inputs (the
+        # only places input_specs change): placeholder name -> spec, and the spec targets.
+        self._spec_of: dict[str, InputSpec] = {}
+        for s in input_specs:
+            self._spec_of.setdefault(getattr(s.arg, "name", None), s)
+        self._targets = {s.target for s in input_specs}
+        # buffers (and parameters) the program writes; passes never change an output spec's kind
+        self._mutated = frozenset(s.target for s in output_specs
+                                  if s.kind.name in ("BUFFER_MUTATION", "PARAMETER_MUTATION"))
 
     # ----- signature lookups
     def spec(self, node: fx.Node) -> InputSpec | None:
-        if node.op != "placeholder":
-            return None
-        for s in self.input_specs:
-            if getattr(s.arg, "name", None) == node.name:
-                return s
-        return None
+        return self._spec_of.get(node.name) if node.op == "placeholder" else None
 
     def fqn(self, node: fx.Node) -> str | None:
         s = self.spec(node)
         return s.target if s is not None else None
 
-    def mutated_buffers(self) -> set[str]:
-        return {s.target for s in self.output_specs if s.kind.name in ("BUFFER_MUTATION", "PARAMETER_MUTATION")}
-
     def is_frozen(self, node: fx.Node) -> bool:
         """Placeholder whose value is fixed for the program: parameter, constant or (config) buffer."""
         s = self.spec(node)
-        if s is None or s.target in self.mutated_buffers():
+        if s is None or s.target in self._mutated:
             return False
         if s.kind in (InputKind.PARAMETER, InputKind.CONSTANT_TENSOR):
             return True
@@ -162,26 +178,24 @@ class PassContext:
             return None
         if s.kind in (InputKind.PARAMETER, InputKind.BUFFER) and s.target in self.state_dict:
             return self.state_dict[s.target]
-        t = self.constants.get(s.target)
-        if t is None and s.kind == InputKind.BUFFER:
-            t = self.constants.get(s.target)  # non-persistent buffers live in constants
+        t = self.constants.get(s.target)  # constants, and non-persistent buffers
         return t if isinstance(t, torch.Tensor) else None
 
     # ----- creating weights
     def _unique_target(self, fqn: str) -> str:
-        taken = set(self.state_dict) | set(self.constants) | {s.target for s in self.input_specs}
+        taken = lambda t: t in self.state_dict or t in self.constants or t in self._targets
         out, i = fqn, 1
-        while out in taken:
+        while taken(out):
             out, i = f"{fqn}_{i}", i + 1
         return out
 
     def _add_input(self, kind: InputKind, fqn: str, value: torch.Tensor, persistent=None) -> fx.Node:
         graph = self.gm.graph
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        rank = _KIND_ORDER.index(kind)
+        placeholders = graph.find_nodes(op="placeholder")
+        rank = _RANK[kind]
         idx = 0  # insert after the last spec whose kind sorts at or before `kind`
         for i, s in enumerate(self.input_specs):
-            if _KIND_ORDER.index(s.kind) <= rank:
+            if _RANK[s.kind] <= rank:
                 idx = i + 1
         prefix = {InputKind.PARAMETER: "p_", InputKind.BUFFER: "b_"}.get(kind, "c_")
         name = prefix + _fqn_to_attr(fqn)
@@ -192,8 +206,10 @@ class PassContext:
         with ctx_mgr:
             node = graph.placeholder(name)
         node.meta["val"] = self.fake_mode.from_tensor(value, static_shapes=True) if self.fake_mode else value
-        arg = TensorArgument(name=node.name)
-        self.input_specs.insert(idx, InputSpec(kind=kind, arg=arg, target=fqn, persistent=persistent))
+        spec = InputSpec(kind=kind, arg=TensorArgument(name=node.name), target=fqn, persistent=persistent)
+        self.input_specs.insert(idx, spec)
+        self._spec_of[node.name] = spec
+        self._targets.add(fqn)
         return node
 
     def add_constant(self, fqn: str, value: torch.Tensor) -> fx.Node:
@@ -210,20 +226,23 @@ class PassContext:
 
     def remove_unused_inputs(self) -> int:
         """Drop parameter/buffer/constant placeholders nothing reads, with their tensors."""
-        mutated = self.mutated_buffers()
-        removed = 0
-        for node in [n for n in self.gm.graph.nodes if n.op == "placeholder"]:
+        dropped = []
+        for node in self.gm.graph.find_nodes(op="placeholder"):
             s = self.spec(node)
             if node.users or s is None or s.kind in (InputKind.USER_INPUT, InputKind.TOKEN, InputKind.CUSTOM_OBJ):
                 continue
-            if s.target in mutated:
+            if s.target in self._mutated:
                 continue
-            self.input_specs.remove(s)
+            dropped.append(s)
+            del self._spec_of[node.name]
+            self._targets.discard(s.target)
             self.state_dict.pop(s.target, None)
             self.constants.pop(s.target, None)
             self.gm.graph.erase_node(node)
-            removed += 1
-        return removed
+        if dropped:
+            ids = {id(s) for s in dropped}
+            self.input_specs[:] = [s for s in self.input_specs if id(s) not in ids]
+        return len(dropped)
 
     # ----- creating nodes
     def call(self, target: Callable, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:
@@ -242,9 +261,8 @@ class PassContext:
         """Nodes that `node`'s value (as read by node `at`, default node itself) depends on, including
         in-place writes into its storage before `at` (None if more than max_nodes). `stop` nodes are leaves."""
         stop = stop or set()
-        order = self._order()
         at = node if at is None else at
-        bases = mutated_bases(self.gm.graph)
+        writes: dict[fx.Node, list[fx.Node]] = {}  # base -> in-place writes into it (found locally, cached)
         needed: set[fx.Node] = set()
         todo = [node]
         while todo:
@@ -257,13 +275,13 @@ class PassContext:
             if n in stop:
                 continue
             todo.extend(n.all_input_nodes)
-            for w in bases.get(view_base(n), []):  # writes into n's storage before `at`
-                if order[w] < order[at] and w not in needed:
+            base = view_base(n)
+            if base not in writes:
+                writes[base] = writes_into(base)
+            for w in writes[base]:  # writes into n's storage before `at` (nodes compare by graph position)
+                if w < at and w not in needed:
                     todo.append(w)
         return needed
-
-    def _order(self) -> dict[fx.Node, int]:
-        return {n: i for i, n in enumerate(self.gm.graph.nodes)}
 
     def runtime_leaves(self, node: fx.Node, at: fx.Node | None = None) -> list[fx.Node] | None:
         """Placeholders `node` (read at `at`) depends on that are not frozen (user inputs, mutable buffers)."""
@@ -293,9 +311,8 @@ class PassContext:
                     return None
                 if torch.Tag.nondeterministic_seeded in n.target.tags:
                     return None
-        order = self._order()
         env: dict[fx.Node, Any] = {}
-        for n in sorted(needed, key=order.__getitem__):
+        for n in sorted(needed):  # graph order
             if n in overrides:
                 env[n] = overrides[n]
             elif n.op == "placeholder":
@@ -319,30 +336,9 @@ def set_fake_val(node: fx.Node, fake_mode: Any) -> None:
     if node.target is operator.getitem:
         node.meta["val"] = args[0][args[1]]
         return
-    with (fake_mode if fake_mode is not None else _nullcontext()):
+    with (fake_mode if fake_mode is not None else contextlib.nullcontext()):
         node.meta["val"] = node.target(*args, **kwargs)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def literal(x: Any, default: Any = None) -> Any:
-    """Python scalar argument or default."""
-    return x if isinstance(x, (int, float, bool)) else default
-
-
-def users_of(node: fx.Node) -> list[fx.Node]:
-    return list(node.users)
 
 
 def only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def find(graph: fx.Graph, *targets) -> Iterable[fx.Node]:
-    return [n for n in graph.nodes if n.op == "call_function" and n.target in targets]

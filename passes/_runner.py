@@ -101,22 +101,23 @@ def _renamed(spec, renames: dict[str, str]):
 
 def remove_dead_writes(graph: fx.Graph) -> int:
     """Erase in-place writes into temporaries that nothing reads afterwards (DCE keeps them as impure)."""
-    removed, changed = 0, True
+    writes = [n for n in graph.nodes if mutated_arg(n) is not None]  # graph order
+    erased: set[fx.Node] = set()
+    changed = True
     while changed:
         changed = False
-        for n in reversed(list(graph.nodes)):
-            m = mutated_arg(n)
-            if m is None or n.users:
+        for n in reversed(writes):
+            if n.users:
                 continue
-            base = view_base(m)
+            base = view_base(mutated_arg(n))
             if base.op != "call_function":
                 continue  # writes into inputs or buffers are program effects
-            readers = _readers(base)
-            if readers <= {n}:
+            if _readers(base) <= {n}:
                 graph.erase_node(n)
-                removed += 1
+                erased.add(n)
                 changed = True
-    return removed
+        writes = [n for n in writes if n not in erased]
+    return len(erased)
 
 
 def _readers(base: fx.Node) -> set[fx.Node]:
@@ -134,22 +135,16 @@ def _readers(base: fx.Node) -> set[fx.Node]:
     return out
 
 
-def eliminate_dead_code(graph: fx.Graph) -> int:
-    """Erase unused nodes without side effects. Unlike Graph.eliminate_dead_code this also drops unused
-    random ops (SDPA is tagged nondeterministic_seeded for its dropout) but keeps in-place writes."""
-    removed = 0
-    for node in reversed(list(graph.nodes)):
-        if node.op != "call_function" or node.users:
-            continue
-        t = node.target
-        if isinstance(t, torch._ops.OpOverload):
-            if t._schema.is_mutable or t in fx.node._side_effectful_functions or mutated_arg(node) is not None:
-                continue
-        elif node.is_impure():
-            continue
-        graph.erase_node(node)
-        removed += 1
-    return removed
+def _has_effect(node: fx.Node) -> bool:
+    """What dead code elimination keeps even when unused: all but call_function nodes, in-place writes and
+    side-effectful ops. Unlike Node.is_impure, unused random ops go (SDPA is tagged nondeterministic_seeded
+    for its dropout)."""
+    if node.op != "call_function":
+        return True
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.is_mutable or t in fx.node._side_effectful_functions or mutated_arg(node) is not None
+    return node.is_impure()
 
 
 def _sync_output_specs(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -164,7 +159,7 @@ def _sync_output_specs(gm: fx.GraphModule, ctx: PassContext) -> None:
 def cleanup(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Shared clean-up after every pass: dead writes and code, unused weights, vals, lint, recompile."""
     remove_dead_writes(gm.graph)
-    eliminate_dead_code(gm.graph)
+    gm.graph.eliminate_dead_code(is_impure_node=_has_effect)
     ctx.remove_unused_inputs()
     _sync_output_specs(gm, ctx)
     for n in gm.graph.nodes:

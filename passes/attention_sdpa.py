@@ -12,7 +12,7 @@ import math
 import torch
 import torch.fx as fx
 
-from ._context import only_user, val
+from ._context import val
 
 log = logging.getLogger("passes")
 aten = torch.ops.aten

@@ -120,3 +120,67 @@ def test_custom_pass_signature(g):
 def test_config_validates():
     with pytest.raises(TypeError):
         passes.OptimizeConfig(fold_buffers="yes")
+
+
+def test_dead_code_rule_drops_unused_random_ops_and_keeps_writes():
+    """The runner's DCE (torch.fx's, with our purity rule): an unused SDPA (tagged nondeterministic_seeded
+    for its dropout) goes, an unused pure op goes, an in-place write into an input stays."""
+    from compiled_unet.passes._runner import _has_effect
+
+    aten = torch.ops.aten
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.call_function(aten.scaled_dot_product_attention.default, (x, x, x))
+    graph.call_function(aten.sin.default, (x,))
+    write = graph.call_function(aten.add_.Tensor, (x, 1))
+    graph.output(x)
+    graph.eliminate_dead_code(is_impure_node=_has_effect)
+    assert [n.target for n in graph.nodes if n.op == "call_function"] == [aten.add_.Tensor]
+    assert write in graph.nodes
+
+
+def test_writes_found_locally_match_the_graph_scan(g):
+    """PassContext.dependencies finds in-place writes from a tensor's users (no graph scan): the same
+    writes mutated_bases finds by scanning the whole graph."""
+    from compiled_unet.passes._context import mutated_bases, view_base, writes_into
+
+    class Writes(nn.Module):
+        def forward(self, x):
+            acc = torch.zeros(4, 4)
+            acc[:2] = x[:2]                 # through a view
+            acc[2:].mul_(3)                 # another view
+            y = x.clone()
+            y.add_(1)                       # directly
+            return acc + y
+
+    ep = g.export(Writes(), torch.randn(4, 4))
+    scan = mutated_bases(ep.graph)
+    assert sum(len(w) for w in scan.values()) >= 3
+    for n in ep.graph.nodes:
+        base = view_base(n)
+        assert writes_into(base) == scan.get(base, [])
+
+
+def test_signature_index_stays_in_step_with_the_graph(g):
+    """Weights added and dropped by passes: the program's input specs name its placeholders, in order."""
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.to_k, self.to_v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attn()
+            self.register_buffer("w", torch.randn(4))
+
+        def forward(self, x):
+            a = self.attn
+            return a.to_q(x) * a.to_k(x) + a.to_v(x) * self.w.exp()    # exp(w): weight-only, folded
+
+    ep2, rep = g.optimize(g.export(QKV(), torch.randn(2, 4)), passes.fuse_qkv, passes.constant_fold)
+    assert rep["fuse_qkv"] == 1 and rep["constant_fold"] == 1
+    names = [n.name for n in ep2.graph.nodes if n.op == "placeholder"]
+    assert names == [s.arg.name for s in ep2.graph_signature.input_specs]
+    assert set(ep2.state_dict) | set(ep2.constants) == {s.target for s in ep2.graph_signature.input_specs
+                                                       if s.target is not None}
