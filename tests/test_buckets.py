@@ -80,7 +80,9 @@ def test_duplicate_bucket_rejected(compiled_buckets):
 
 
 def test_load_rejects_non_bundle(tmp_path):
-    with pytest.raises(FileNotFoundError, match="manifest"):
+    from compiled_unet.errors import DamagedArtifact
+
+    with pytest.raises(DamagedArtifact, match="not a compiled UNet artifact.*manifest.json"):
         compiled_unet.load(tmp_path)
 
 

@@ -141,8 +141,15 @@ def test_truncated_and_corrupted_packages_are_named(tmp_path, bundle_dir):
     with pytest.raises(DamagedArtifact, match="truncated.pt2"):
         compiled_unet.load(truncated)
     corrupt = bytearray(data)
-    middle = len(corrupt) // 2
-    corrupt[middle:middle + 64] = bytes(64)  # weights or code flipped: the zip checksums catch it
+    with zipfile.ZipFile(os.path.join(bundle_dir, "bucket_0.pt2")) as z:
+        biggest = max(z.infolist(), key=lambda i: i.file_size)  # the compiled code and weights
+    # Flip bits in the middle of that member's data (past its local header: name and extra-field lengths at
+    # offsets 26 and 28; bytes outside members, e.g. alignment padding, are never read). The zip checksums
+    # catch it; AOTInductor itself would load the flipped code or weights without a word.
+    name_len, extra_len = (int.from_bytes(corrupt[biggest.header_offset + k:biggest.header_offset + k + 2], "little")
+                           for k in (26, 28))
+    middle = biggest.header_offset + 30 + name_len + extra_len + biggest.file_size // 2
+    corrupt[middle:middle + 64] = bytes(b ^ 0xFF for b in corrupt[middle:middle + 64])
     (tmp_path / "corrupt.pt2").write_bytes(bytes(corrupt))
     with pytest.raises(DamagedArtifact, match="corrupt.pt2"):
         compiled_unet.load(tmp_path / "corrupt.pt2")
