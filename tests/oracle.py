@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tests.closeness import closeness
+
 RTOL_L2 = 1e-5
 ATOL_SCALE = 1e-4
 
@@ -111,15 +113,11 @@ class Parity:
 
 
 def parity(ours: torch.Tensor, ref: torch.Tensor) -> Parity:
-    """Relative L2 error and max-abs error of `ours` against `ref` (computed in float64)."""
+    """Relative L2 error and max-abs error of `ours` against `ref` (tests/closeness.py, float64)."""
     if ours.shape != ref.shape:
         raise AssertionError(f"shape mismatch: ours {tuple(ours.shape)} vs diffusers {tuple(ref.shape)}")
-    a, b = ours.detach().double(), ref.detach().double()
-    diff = a - b
-    if not torch.isfinite(a).all():
-        return Parity(math.inf, math.inf, b.abs().max().item())
-    ref_norm = b.norm().item()
-    return Parity(diff.norm().item() / max(ref_norm, 1e-30), diff.abs().max().item(), b.abs().max().item())
+    c = closeness(ours, ref)
+    return Parity(c.rel_l2, c.max_abs, ref.detach().double().abs().max().item())
 
 
 def compare(ours: torch.Tensor, ref: torch.Tensor, context: str = "") -> Parity:

@@ -16,11 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 from compiled_unet import UNet2DConditionModel  # noqa: E402
 from compiled_unet.blocks import AttnSkipDownBlock2D, AttnSkipUpBlock2D, BlockArgs, SkipDownBlock2D, SkipUpBlock2D  # noqa: E402
 from tests.cases import BASE, inputs_for, randomize_  # noqa: E402
-
-
-def _close(a, b, rtol=1e-6):
-    scale = max(1.0, b.abs().max().item())
-    assert (a - b).abs().max().item() <= rtol * scale
+from tests.closeness import assert_close  # noqa: E402
 
 
 def _skip_args(**kw):
@@ -41,7 +37,7 @@ def test_skip_down_blocks_match_diffusers(ours_cls, theirs_name, attn):
     with torch.no_grad():
         h1, r1, s1 = theirs.eval()(x, temb, skip)
         h2, r2, s2 = ours.eval()(x, temb, skip)
-    _close(h2, h1), _close(s2, s1)
+    assert_close(h2, h1, scale_tol=1e-6), assert_close(s2, s1, scale_tol=1e-6)
     assert len(r1) == len(r2) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(r1, r2))
 
 
@@ -60,7 +56,7 @@ def test_skip_up_blocks_match_diffusers(ours_cls, theirs_name, attn):
     with torch.no_grad():
         h1, s1 = theirs.eval()(x, res, temb, skip)
         h2, s2 = ours.eval()(x, res, temb, skip)
-    _close(h2, h1), _close(s2, s1)
+    assert_close(h2, h1, scale_tol=1e-6), assert_close(s2, s1, scale_tol=1e-6)
 
 
 def test_skip_blocks_run_in_the_unet_and_export():
@@ -75,8 +71,8 @@ def test_skip_blocks_run_in_the_unet_and_export():
     import compiled_unet
     ep = compiled_unet.export(model, x, torch.tensor([5.0]), torch.zeros(1, 2, 8))
     with torch.no_grad():
-        _close(ep.module()(x, torch.tensor([5.0]), encoder_hidden_states=torch.zeros(1, 2, 8), return_dict=False)[0],
-               model(x, torch.tensor([5.0]), torch.zeros(1, 2, 8)).sample)
+        assert_close(ep.module()(x, torch.tensor([5.0]), encoder_hidden_states=torch.zeros(1, 2, 8), return_dict=False)[0],
+                     model(x, torch.tensor([5.0]), torch.zeros(1, 2, 8)).sample, scale_tol=1e-6)
 
 
 def test_dual_cross_attention_with_encoder_mask_matches_the_math():
@@ -120,8 +116,8 @@ def test_dual_cross_attention_with_encoder_mask_matches_the_math():
     with torch.no_grad():
         got = ours(sample, t, ehs, encoder_attention_mask=mask).sample
         unmasked = ours(sample, t, ehs).sample
-    _close(unmasked, ref_unmasked)
-    _close(got, ref)
+    assert_close(unmasked, ref_unmasked, scale_tol=1e-6)
+    assert_close(got, ref, scale_tol=1e-6)
     assert (got - unmasked).abs().max() > 1e-4  # the mask changed the result
 
 
@@ -138,9 +134,10 @@ def test_freeu_matches_diffusers(hw):
     with torch.no_grad():
         ref = theirs(sample, t, **copy.deepcopy(kwargs)).sample
         got = ours(sample, t, **copy.deepcopy(kwargs)).sample
-    _close(got, ref, rtol=1e-5)
+    assert_close(got, ref, scale_tol=1e-5)
     assert "freeu" not in "".join(ours.state_dict())  # scales are not checkpoint keys
     ours.disable_freeu()
     theirs.disable_freeu()
     with torch.no_grad():
-        _close(ours(sample, t, **copy.deepcopy(kwargs)).sample, theirs(sample, t, **copy.deepcopy(kwargs)).sample)
+        assert_close(ours(sample, t, **copy.deepcopy(kwargs)).sample, theirs(sample, t, **copy.deepcopy(kwargs)).sample,
+                     scale_tol=1e-6)

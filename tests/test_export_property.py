@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import compiled_unet
 from tests import strategies as S
 from tests.cases import randomize_
+from tests.closeness import assert_close
 
 
 @settings(max_examples=8)
@@ -30,6 +31,4 @@ def test_drawn_configs_export_to_one_graph_equal_to_eager(data):
     assert not any(isinstance(m, torch.fx.GraphModule) for _, m in ep.graph_module.named_children())
     with torch.no_grad():
         out = ep.module()(sample, timestep, **copy.deepcopy(inputs), return_dict=False)[0]
-    scale = max(1.0, ref.abs().max().item())
-    err = (out - ref).abs().max().item()
-    assert err <= 1e-5 * scale, f"{S.describe_spec(spec)}: max-abs {err:.3e} > 1e-5 x {scale:.3f}"
+    assert_close(out, ref, scale_tol=1e-5, what=S.describe_spec(spec))

@@ -9,6 +9,7 @@ import pytest
 from torch._inductor.utils import run_and_get_code
 
 from compiled_unet.backends.inductor import InductorOptions, JitRunner
+from tests.closeness import assert_close
 
 
 class ConvLinear(torch.nn.Module):
@@ -18,13 +19,7 @@ class ConvLinear(torch.nn.Module):
         self.linear = torch.nn.Linear(16, 16)
 
     def forward(self, x):
-        return self.linear(self.conv(x).permute(0, 2, 3, 1))
-
-
-def _assert_close(out, ref):
-    """fp32, another kernel for the same math: max-abs <= 1e-4 x max(1, |ref|)."""
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    assert out.sub(ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max())
+        return (self.linear(self.conv(x).permute(0, 2, 3, 1)),)  # a tuple, as the UNet programs return
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -37,10 +32,10 @@ def test_jit_cpu_freezing_prepacks_weights():
     runner, codes = run_and_get_code(lambda: JitRunner(ep, options, (x,), {}))
     code = "\n".join(codes)
     assert "_convolution_pointwise" in code, "conv was not prepacked (freezing not applied)"
-    out = runner((x,), {})
+    out = runner(*runner.prepare((x,), {}))  # the runner protocol: prepare, then call
     with torch.no_grad():
-        ref = model(x)
-    _assert_close(out, ref)
+        ref = model(x)[0]
+    assert_close(out[0], ref)  # another kernel: max-abs <= 1e-4 x scale
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -60,7 +55,8 @@ def test_aot_cpu_package_is_frozen_and_prepacked(tmp_path):
     with zipfile.ZipFile(path) as z:
         code = "\n".join(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
     assert "mkldnn__convolution_pointwise" in code, "the AOT package's conv was not prepacked"
-    out = AotRunner(path)((x,), {})
+    runner = AotRunner(path, {})
+    out = runner(*runner.prepare((x,), {}))
     with torch.no_grad():
-        ref = model(x)
-    _assert_close(out, ref)
+        ref = model(x)[0]
+    assert_close(out[0], ref)  # another kernel: max-abs <= 1e-4 x scale

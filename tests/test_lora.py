@@ -25,18 +25,11 @@ from torch import nn
 import compiled_unet
 from compiled_unet.lora import LoRAConv2d, LoRALinear
 from tests.cases import BASE, CONFIGS, build, inputs_for
+from tests.closeness import assert_close
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers  # noqa: E402
-
-ATOL_SCALE = 1e-4
-
-
-def _assert_close(got, ref, tol=ATOL_SCALE):
-    scale = max(1.0, ref.abs().max().item())
-    err = (got - ref).abs().max().item()
-    assert err <= tol * scale, f"max-abs {err:.3e} > {tol:.0e} x scale {scale:.3f}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,7 +153,7 @@ def test_parity_with_diffusers(case):
     assert report.loaded == sorted(ranks) and not report.unmatched
     _load_oracle(ref, lora, alphas, "x")
     out = _run(model, name, scale)
-    _assert_close(out, _run(ref, name, scale))
+    assert_close(out, _run(ref, name, scale))
     if scale != 0.0:
         assert (out - _base_out(name)).abs().max() > 1e-3, "the adapter did not change the output"
 
@@ -188,7 +181,7 @@ def test_kohya_file_matches_diffusers_conversion(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref.load_lora_adapter(converted, adapter_name="k", prefix="unet", network_alphas=network_alphas)
-    _assert_close(_run(model, "sd", 0.6), _run(ref, "sd", 0.6))
+    assert_close(_run(model, "sd", 0.6), _run(ref, "sd", 0.6))
 
 
 def test_old_diffusers_format_matches_diffusers_conversion():
@@ -201,7 +194,7 @@ def test_old_diffusers_format_matches_diffusers_conversion():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref.load_lora_adapter(dict(sd), adapter_name="o", prefix=None)
-    _assert_close(_run(model, "sd"), _run(ref, "sd"))
+    assert_close(_run(model, "sd"), _run(ref, "sd"))
 
 
 def test_file_saved_by_diffusers_with_metadata(tmp_path):
@@ -213,7 +206,7 @@ def test_file_saved_by_diffusers_with_metadata(tmp_path):
     ref.save_lora_adapter(str(tmp_path), adapter_name="m", weight_name="m.safetensors")
     report = model.load_lora_adapter(tmp_path / "m.safetensors", "m")
     assert report.loaded == sorted(paths)
-    _assert_close(_run(model, "sd"), _run(ref, "sd"))
+    assert_close(_run(model, "sd"), _run(ref, "sd"))
 
 
 def test_multiple_adapters_weights_scale_and_disable():
@@ -228,32 +221,32 @@ def test_multiple_adapters_weights_scale_and_disable():
     _load_oracle(ref, lb, alphas_b, "b")
     # The adapter loaded last is the active one, in both.
     assert model.active_adapters() == ref.active_adapters() == ["b"]
-    _assert_close(_run(model, "sdxl"), _run(ref, "sdxl"))
+    assert_close(_run(model, "sdxl"), _run(ref, "sdxl"))
     for names, weights, scale in ((["a", "b"], [0.6, -1.2], None), (["b", "a"], 0.5, 0.3), ("a", None, -0.7),
                                   (["a", "b"], [1.0, 0.0], None)):
         model.set_adapters(names, weights)
         ref.set_adapters(names, weights)
-        _assert_close(_run(model, "sdxl", scale), _run(ref, "sdxl", scale))
+        assert_close(_run(model, "sdxl", scale), _run(ref, "sdxl", scale))
     model.disable_lora()
     ref.disable_lora()
     assert torch.equal(_run(model, "sdxl"), _base_out("sdxl"))
     model.enable_lora()
     ref.enable_lora()
-    _assert_close(_run(model, "sdxl", 0.3), _run(ref, "sdxl", 0.3))
+    assert_close(_run(model, "sdxl", 0.3), _run(ref, "sdxl", 0.3))
     # A runtime scale leaves no state behind (diffusers forgets set_adapters weights after scale=0).
     before = _run(model, "sdxl")
     _run(model, "sdxl", 0.0)
     assert torch.equal(_run(model, "sdxl"), before)
     # set_lora_scale multiplies every adapter, like a runtime scale but through the buffers.
     model.set_lora_scale(0.3)
-    _assert_close(_run(model, "sdxl"), _run(ref, "sdxl", 0.3))
+    assert_close(_run(model, "sdxl"), _run(ref, "sdxl", 0.3))
     model.set_lora_scale(1.0)
     model.delete_adapters("a")
     ref.delete_adapters("a")
     assert model.active_adapters() == ["b"] and not any(".a." in k for k in model.state_dict())
     model.set_adapters("b", 2.0)
     ref.set_adapters("b", 2.0)
-    _assert_close(_run(model, "sdxl"), _run(ref, "sdxl"))
+    assert_close(_run(model, "sdxl"), _run(ref, "sdxl"))
 
 
 # -- round trips ----------------------------------------------------------------------------------------
@@ -285,7 +278,7 @@ def test_load_fuse_unfuse_unload_round_trips():
     model.fuse_lora(lora_scale=0.8)
     ref.fuse_lora(lora_scale=0.8)
     fused = _run(model, "sd")
-    _assert_close(fused, _run(ref, "sd"))
+    assert_close(fused, _run(ref, "sd"))
     assert (fused - unfused).abs().max() > 1e-3
     model.unfuse_lora()
     _assert_state_equal(model, loaded_state)
@@ -303,7 +296,7 @@ def test_load_fuse_unfuse_unload_round_trips():
     model.unload_lora()
     ref.unload_lora()
     assert {p: type(m) for p, m in model.named_modules()} == base_types
-    _assert_close(_run(model, "sd"), _run(ref, "sd"))
+    assert_close(_run(model, "sd"), _run(ref, "sd"))
 
 
 def test_fuse_selected_adapters_keeps_the_others_live():
@@ -314,7 +307,7 @@ def test_fuse_selected_adapters_keeps_the_others_live():
     model.set_adapters(["a", "b"], [0.7, 1.3])
     both = _run(model, "sd")
     model.fuse_lora(adapter_names=["a"])
-    _assert_close(_run(model, "sd"), both)
+    assert_close(_run(model, "sd"), both)
     model.unfuse_lora()
     assert torch.equal(_run(model, "sd"), both)
 
@@ -387,7 +380,7 @@ def test_export_with_adapter_follows_weight_and_scale_updates():
 
     def check():
         out = exported()
-        _assert_close(out, _run(model, "sd"), tol=1e-6)
+        assert_close(out, _run(model, "sd"), scale_tol=1e-6)
         return out
 
     first = check()
@@ -404,11 +397,11 @@ def test_export_with_adapter_follows_weight_and_scale_updates():
     fresh.load_lora_adapter(_as_format(_make_lora("sd", ranks, 2), {p: 1.0 for p in ranks}, "peft"), "a")
     fresh.set_adapters("a", -2.0)
     fresh.set_lora_scale(0.25)
-    _assert_close(swapped, _run(fresh, "sd"), tol=1e-6)
+    assert_close(swapped, _run(fresh, "sd"), scale_tol=1e-6)
     # Writing the exported program's state directly works the same way.
     with torch.no_grad():
         ep.state_dict[f"{key}.lora_scaling.a"].fill_(0.0)
-    _assert_close(exported(), _run(model, "sd"), tol=1e-6)
+    assert_close(exported(), _run(model, "sd"), scale_tol=1e-6)
 
 
 def test_export_bakes_the_call_scale():
@@ -421,7 +414,7 @@ def test_export_bakes_the_call_scale():
     ep = compiled_unet.export(model, *args, **copy.deepcopy(kwargs))
     with torch.no_grad():
         out = ep.module()(*args, **{**copy.deepcopy(kwargs), "return_dict": False})[0]
-    _assert_close(out, _run(model, "sd", 0.5), tol=1e-6)
+    assert_close(out, _run(model, "sd", 0.5), scale_tol=1e-6)
     assert all(m.runtime_scale == 1.0 for m in model.modules() if isinstance(m, (LoRALinear, LoRAConv2d)))
 
 
@@ -433,4 +426,4 @@ def test_lora_under_qkv_fusion():
     with_lora = _run(model, "sd")
     assert (with_lora - _base_out("sd")).abs().max() > 1e-3
     model.fuse_qkv_projections()
-    _assert_close(_run(model, "sd"), with_lora, tol=1e-5)
+    assert_close(_run(model, "sd"), with_lora, scale_tol=1e-5)

@@ -20,18 +20,13 @@ import compiled_unet
 from compiled_unet import processors as ours
 from compiled_unet.attention import Attention
 from tests.cases import BASE, CONFIGS, build, inputs_for
+from tests.closeness import assert_close
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models import attention_processor as theirs  # noqa: E402
 
 RTOL = 1e-5
 FAMILIES = ["sd", "unclip"]
-
-
-def _assert_close(got: torch.Tensor, ref: torch.Tensor, rtol: float = RTOL):
-    scale = max(1.0, ref.abs().max().item())
-    err = (got - ref).abs().max().item()
-    assert err <= rtol * scale, f"max-abs {err:.3e} > {rtol:.0e} x scale {scale:.3f}"
 
 
 def _inputs(name):
@@ -62,7 +57,7 @@ def _export_matches_eager(model, args, kwargs):
     assert not any(isinstance(m, torch.fx.GraphModule) for _, m in ep.graph_module.named_children())
     with torch.no_grad():
         out = ep.module()(*args, **{**copy.deepcopy(kwargs), "return_dict": False})[0]
-    _assert_close(out, ref, rtol=1e-6)
+    assert_close(out, ref, scale_tol=1e-6)
     return ep
 
 
@@ -101,8 +96,8 @@ def test_attention_slice_matches_diffusers(name, slice_size):
                 assert type(mine[key]).__name__ == type(other[key]).__name__
                 assert mine[key].slice_size == other[key].slice_size
         out = _run(model, args, kwargs)
-        _assert_close(out, _run(ref, args, kwargs))
-        _assert_close(out, unsliced)
+        assert_close(out, _run(ref, args, kwargs), scale_tol=RTOL)
+        assert_close(out, unsliced, scale_tol=RTOL)
     finally:
         model.set_default_attn_processor()
         ref.set_default_attn_processor()
@@ -117,7 +112,7 @@ def test_attention_slice_drawn_lists_match_diffusers(data):
     model.set_attention_slice(list(sizes))
     ref.set_attention_slice(list(sizes))
     try:
-        _assert_close(_run(model, args, kwargs), _run(ref, args, kwargs))
+        assert_close(_run(model, args, kwargs), _run(ref, args, kwargs), scale_tol=RTOL)
     finally:
         model.set_default_attn_processor()
         ref.set_default_attn_processor()
@@ -196,7 +191,7 @@ def test_attention_slice_lowers_peak_memory():
             if reference is None:
                 peaks["out"] = out
             else:
-                _assert_close(out, reference)
+                assert_close(out, reference, scale_tol=RTOL)
     mib = 2**20
     assert peaks["full"] >= 32 * mib
     assert peaks["auto"] <= 0.6 * peaks["full"], {k: v for k, v in peaks.items() if k != "out"}
@@ -246,7 +241,7 @@ def test_fuse_unfuse_round_trip(name):
     with _CountMatmuls() as fused_count:
         fused = _run(model, args, kwargs)
     assert unfused_count.count - fused_count.count == _expected_saved_matmuls(model) > 0
-    _assert_close(fused, unfused)
+    assert_close(fused, unfused, scale_tol=RTOL)
     model.unfuse_qkv_projections()
     _assert_same_state(before, model.state_dict())
     assert torch.equal(_run(model, args, kwargs), unfused)
@@ -257,11 +252,11 @@ def test_fused_state_dict_loads_into_diffusers_and_back():
     model.fuse_qkv_projections()
     ref = _diffusers_twin("sd", model)  # strict load of the fused model's state_dict
     args, kwargs = _inputs("sd")
-    _assert_close(_run(model, args, kwargs), _run(ref, args, kwargs))
+    assert_close(_run(model, args, kwargs), _run(ref, args, kwargs), scale_tol=RTOL)
     fresh = build("sd", seed=3)
     fresh.fuse_qkv_projections()
     fresh.load_state_dict(model.state_dict())  # fused weights follow loaded ones: no stale copy
-    _assert_close(_run(fresh, args, kwargs), _run(ref, args, kwargs))
+    assert_close(_run(fresh, args, kwargs), _run(ref, args, kwargs), scale_tol=RTOL)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -271,9 +266,9 @@ def test_fused_with_slicing_and_diffusers_processors(name):
     ref = _run(model, args, kwargs)
     model.fuse_qkv_projections()
     model.set_attention_slice("max")
-    _assert_close(_run(model, args, kwargs), ref)
+    assert_close(_run(model, args, kwargs), ref, scale_tol=RTOL)
     model.set_attn_processor(theirs.AttnProcessor2_0() if name == "sd" else theirs.AttnAddedKVProcessor2_0())
-    _assert_close(_run(model, args, kwargs), ref)
+    assert_close(_run(model, args, kwargs), ref, scale_tol=RTOL)
 
 
 # -- processors ---------------------------------------------------------------------------------------
@@ -301,7 +296,7 @@ def test_user_processor_and_kwargs():
     user = _UserProcessor()
     model.set_attn_processor(user)
     assert set(map(id, model.attn_processors.values())) == {id(user)}
-    _assert_close(_run(model, args, kwargs), ref)
+    assert_close(_run(model, args, kwargs), ref, scale_tol=RTOL)
     assert user.calls == len(_layers(model))
     # One layer by path; `gain` reaches it (and our processors ignore it).
     model.set_default_attn_processor()
@@ -330,8 +325,8 @@ def test_processors_match_default(name, index):
         model.set_attn_processor(processor)
         ref_model.set_attn_processor(processor)
         out = _run(model, args, kwargs)
-        _assert_close(out, ref)
-        _assert_close(out, _run(ref_model, args, kwargs))  # the same processor on diffusers' layers
+        assert_close(out, ref, scale_tol=RTOL)
+        assert_close(out, _run(ref_model, args, kwargs), scale_tol=RTOL)  # the same processor on diffusers' layers
     finally:
         model.set_default_attn_processor()
         ref_model.set_default_attn_processor()

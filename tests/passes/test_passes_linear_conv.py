@@ -5,6 +5,7 @@ Tolerance: the same dot products in another kernel, fp32 max-abs <= 1e-5 x max(1
 import torch
 
 from compiled_unet import passes
+from tests.closeness import assert_close
 
 
 class TokensAndVector(torch.nn.Module):
@@ -29,7 +30,7 @@ def test_token_linears_become_1x1_convs(g):
     with torch.no_grad():
         ref = model(x, v)
     for a, b in zip(out.module()(x, v), ref):
-        g.check_close(a, b)
+        assert_close(a, b, scale_tol=1e-5)
 
 
 def test_cpu_default_list_adds_it_and_cuda_does_not():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from compiled_unet import passes
+from tests.closeness import assert_close
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 
@@ -36,7 +37,7 @@ def test_convs_run_on_packed_weights_and_match(g):
     with torch.no_grad():
         ref = model(x, scale)
     for a, b in zip(out.module()(x, scale), ref):
-        g.check_close(a, b)
+        assert_close(a, b, scale_tol=1e-5)
 
 
 def test_unfrozen_inductor_graph_calls_the_packed_kernel():
@@ -54,7 +55,7 @@ def test_unfrozen_inductor_graph_calls_the_packed_kernel():
     with torch.no_grad():
         ref = model(x, scale)
     for a, b in zip(runner((x, scale), {}), ref):
-        assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max())
+        assert_close(a, b, scale_tol=1e-4)
 
 
 def test_not_in_any_default_list():
@@ -69,15 +70,18 @@ class _NamedWeights:
     def __init__(self, names):
         self.names = list(names)
 
-    def constant_names(self):
-        return self.names
+    def constant_specs(self):
+        return {n: None for n in self.names}
+
+    def swap_refusal(self):
+        return None  # unfrozen
 
 
 def test_weight_swap_refuses_packed_constants_it_cannot_reach():
     """derive_weights re-runs the passes on new weights; the packed constants change with them, and a
     compiled graph that holds them under internal names could not follow: a clear error, never stale."""
-    from compiled_unet.backends.inductor import InductorOptions
-    from compiled_unet.compile import CompiledUNet
+    from compiled_unet.runtime.compiled import CompiledUNet
+    from compiled_unet.runtime.signature import Signature
 
     model, x, scale = ConvsAndTokens().eval(), torch.randn(1, 4, 8, 8), torch.randn(())
     ep = torch.export.export(model, (x, scale))
@@ -85,8 +89,8 @@ def test_weight_swap_refuses_packed_constants_it_cannot_reach():
     for pass_list, refused in (([passes.linear_to_conv1x1], False),
                                ([passes.linear_to_conv1x1, passes.prepack_onednn], True)):
         optimized, _ = passes.optimize(ep, pass_list)
-        compiled = CompiledUNet(_NamedWeights(optimized.state_dict), None, exported=ep, optimized=optimized,
-                                passes=pass_list, options=InductorOptions(aot=True, freezing=False))
+        compiled = CompiledUNet(_NamedWeights(optimized.state_dict), Signature.from_call((x, scale), {}), None,
+                                exported=ep, optimized=optimized, passes=pass_list)
         if refused:
             with pytest.raises(RuntimeError, match="internal names"):
                 compiled.derive_weights(new_weights)
