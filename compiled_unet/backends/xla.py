@@ -88,7 +88,7 @@ def _check_program(program) -> torch.export.ExportedProgram:
 def _maybe_optimize(program, optimize: bool):
     if not optimize:
         return program
-    import passes
+    from .. import passes
     optimized, _report = passes.optimize(program)
     return optimized
 

@@ -5,9 +5,9 @@ import torch.nn as nn
 from diffusers.utils.torch_utils import fourier_filter
 from hypothesis import given, strategies as st
 
-import passes
+from compiled_unet import passes
 from compiled_unet.freeu import low_frequency_rect
-from passes.freeu_fourier import _check, _operator
+from compiled_unet.passes.freeu_fourier import _check, _operator
 
 FOURIER = [passes.remove_asserts, passes.remove_noops, passes.freeu_fourier]
 
