@@ -19,8 +19,8 @@ import torch
 from cases import build, inputs_for
 from closeness import assert_close
 
-# What "equal to eager" means for compiled fp32 graphs: max-abs error <= 1e-4 x max(1, max |eager output|)
-# (max |eager output|); Inductor reorders reductions and fuses, so bitwise equality is not expected.
+# What "equal to eager" means for compiled fp32 graphs: max-abs error <= 1e-4 x max(1, max |eager output|);
+# Inductor reorders reductions and fuses, so bitwise equality is not expected.
 RTOL_SCALE = 1e-4
 
 # Bucket 0: batch 2, 8x8 latent, text only (also the shape the jit graph is compiled for).
