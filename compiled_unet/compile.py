@@ -86,7 +86,7 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
     signature = Signature.from_program(optimized)
     args, kwargs = signature.bind(*optimized.example_inputs[0], **optimized.example_inputs[1])
     config_dict = config_to_dict(config)
-    fused = None if report is None else report["fuse_qkv"] > 0
+    fused = None if report is None else report.rewrites.get("fuse_qkv", 0) > 0
     if backend == "xla":
         from .backends.xla import OpenXlaRunner
 
