@@ -14,6 +14,7 @@ values instead of truncating them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import torch
@@ -93,14 +94,22 @@ class Signature:
         args, kwargs = program.example_inputs
         return cls.from_call(args, kwargs)
 
-    # ----- reading
-    @property
+    # ----- reading (parsed once per signature: binding runs on every call)
+    @functools.cached_property
+    def treespec(self):
+        return pytree.treespec_loads(self.spec)
+
+    @functools.cached_property
     def input_names(self) -> list[str]:
         """The top-level forward arguments the graph takes (e.g. sample, timestep, encoder_hidden_states)."""
-        return _top_names(pytree.treespec_loads(self.spec))
+        return _top_names(self.treespec)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Leaf]:
+        return {x.name: x for x in self.leaves}
 
     def leaf(self, name: str) -> Leaf | None:
-        return next((x for x in self.leaves if x.name == name), None)
+        return self._by_name.get(name)
 
     @property
     def shapes(self) -> dict[str, tuple]:
@@ -125,13 +134,12 @@ class Signature:
                 call[name] = constant.value
         if "timestep" in call:
             call["timestep"] = self._timestep(call["timestep"])
-        spec = pytree.treespec_loads(self.spec)
+        spec = self.treespec
         n_args = len(children(children(spec)[0]))
         structured = (tuple(_tuples(call.get(n)) for n in top[:n_args]), {n: _tuples(call.get(n)) for n in top[n_args:]})
         got = {_path_name(p): v for p, v in pytree.tree_flatten_with_path(structured)[0]}
-        names = [x.name for x in self.leaves]
-        missing = [n for n in names if got.get(n) is None and self.leaf(n).is_tensor]
-        unexpected = [n for n in got if n not in set(names) and got[n] is not None]
+        missing = [x.name for x in self.leaves if got.get(x.name) is None and x.is_tensor]
+        unexpected = [n for n in got if n not in self._by_name and got[n] is not None]
         if missing or unexpected:
             raise self._error(f"inputs differ: missing {missing}, not compiled for {unexpected}")
         values = [self._check(leaf, got[leaf.name], check_finite) for leaf in self.leaves]
@@ -202,7 +210,7 @@ class Signature:
 
     def structure(self, values: list) -> tuple[tuple, dict]:
         """Leaf values (in order) -> (args, kwargs) of a call; constant leaves (return_dict) left out."""
-        args, kwargs = pytree.tree_unflatten(list(values), pytree.treespec_loads(self.spec))
+        args, kwargs = pytree.tree_unflatten(list(values), self.treespec)
         return tuple(args), {k: v for k, v in kwargs.items() if k != "return_dict" and k not in INTERNAL_INPUTS}
 
     # ----- serialized in artifacts
