@@ -78,12 +78,9 @@ def cmd_demo(args) -> int:
 
 def _model_from_args(args):
     """(model, (sample, timestep, kwargs)) from --checkpoint DIR or --preset NAME."""
-    import torch
-
     from .presets import build_random, example_inputs, example_inputs_for_config, preset
 
     if getattr(args, "checkpoint", None):
-        import os
 
         from .unet import UNet2DConditionModel
         if not os.path.isdir(args.checkpoint):
@@ -98,7 +95,6 @@ def _model_from_args(args):
 
 
 def cmd_inspect(args) -> int:
-    import os
 
     import torch
 
@@ -155,7 +151,6 @@ def _parse_shapes(text: str) -> list:
 
 def _model_for_compile(args):
     if args.checkpoint:
-        import os
 
         from .unet import UNet2DConditionModel
         if not os.path.isdir(args.checkpoint):
@@ -167,7 +162,6 @@ def _model_for_compile(args):
 
 
 def cmd_compile(args) -> int:
-    import os
     import time
 
     from .presets import example_inputs_for_config, preset
@@ -213,7 +207,6 @@ def cmd_compile(args) -> int:
 def _inputs_from_file(path: str, signature):
     """Tensors from a .safetensors file named like the signature's leaves (sample, timestep,
     encoder_hidden_states, "added_cond_kwargs['text_embeds']", ...); every leaf must be there."""
-    import os
 
     from safetensors.torch import load_file
 
@@ -231,7 +224,6 @@ def _inputs_from_file(path: str, signature):
 
 
 def cmd_run(args) -> int:
-    import os
     import time
 
     import torch
@@ -270,7 +262,6 @@ def cmd_run(args) -> int:
 # ---- bench: a thin call into benchmarks/bench.py (the benchmark suite's own code and options) ----------
 def cmd_bench(argv: list) -> int:
     """`compiled-unet bench ARGS` == `python -m benchmarks.bench ARGS`; benchmarks/ lives in the source checkout."""
-    import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if not os.path.isfile(os.path.join(root, "benchmarks", "bench.py")):

@@ -24,7 +24,6 @@ import torch
 import torch._inductor.config  # noqa: F401 - patched while the first call compiles
 import torch.utils._pytree as pytree
 
-
 from ..errors import DamagedArtifact
 
 FORMAT = "compiled_unet.inductor-aot/1"
