@@ -14,7 +14,7 @@ if [ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$(stamp_of)" ]; then
   echo "[env] installing compiled-unet and its test dependencies into $VENV" >&2
   # torch first and pinned, so nothing can resolve a CUDA build of it.
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$ROOT/requirements/constraints.txt" torch
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$ROOT/requirements/constraints.txt" -e "$ROOT[test]"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$ROOT/requirements/constraints.txt" -e "$ROOT[test,flax,serve,explorer,progress]"
   stamp_of > "$VENV/.stamp"
 fi
 export PATH="$VENV/bin:$PATH"
