@@ -22,12 +22,13 @@ __all__ = ["ShapeBuckets", "bucket_inputs", "compile_buckets"]
 
 
 def compile_buckets(unet, examples: Sequence[Mapping[str, Any]], *, passes="default",
-                    options: InductorOptions | None = None) -> ShapeBuckets:
-    """Compile `unet` once per example (a dict of forward arguments, see `bucket_inputs`), AOT."""
+                    options: InductorOptions | None = None, progress: bool | None = None) -> ShapeBuckets:
+    """Compile `unet` once per example (a dict of forward arguments, see `bucket_inputs`), AOT.
+    progress: as `compiled_unet.compile`'s (a status line per bucket on a terminal)."""
     options = InductorOptions(aot=True) if options is None else dataclasses.replace(options, aot=True)
     out = []
     for ex in examples:
         ex = dict(ex)
         sample, timestep = ex.pop("sample"), ex.pop("timestep")
-        out.append(_compile(unet, sample, timestep, passes=passes, options=options, **ex))
+        out.append(_compile(unet, sample, timestep, passes=passes, options=options, progress=progress, **ex))
     return ShapeBuckets(out)

@@ -184,19 +184,21 @@ def cmd_compile(args) -> int:
     print(f"[compile] {len(shapes)} shape(s) {args.shapes} with {args.backend}; this takes minutes on a CPU",
           flush=True)
     t0 = time.perf_counter()
+    progress = False if args.quiet else None    # None: a status line when stderr is a terminal
     from . import compile as compile_unet, save
     if args.backend == "xla":
         ex = dict(examples[0])
-        compiled = compile_unet(model, ex.pop("sample"), ex.pop("timestep"), backend="xla", **ex)
+        compiled = compile_unet(model, ex.pop("sample"), ex.pop("timestep"), backend="xla", progress=progress, **ex)
     else:
         from .backends import InductorOptions
         options = InductorOptions(aot=True, freezing=args.freezing)
         if len(shapes) == 1:
             ex = dict(examples[0])
-            compiled = compile_unet(model, ex.pop("sample"), ex.pop("timestep"), options=options, **ex)
+            compiled = compile_unet(model, ex.pop("sample"), ex.pop("timestep"), options=options, progress=progress,
+                                    **ex)
         else:
             from .buckets import compile_buckets
-            compiled = compile_buckets(model, examples, options=options)
+            compiled = compile_buckets(model, examples, options=options, progress=progress)
     save(compiled, args.output)
     size = (sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args.output) for f in fs)
             if os.path.isdir(args.output) else os.path.getsize(args.output))
@@ -304,6 +306,8 @@ def main(argv=None) -> int:
     comp.add_argument("--freezing", action=argparse.BooleanOptionalAction, default=None,
                       help="inductor: bake weights into the package (CPU default: on, weights prepacked for oneDNN); "
                            "--no-freezing keeps them swappable with swap_weights")
+    comp.add_argument("--quiet", action="store_true",
+                      help="no status line (stage, C++ kernels done/total, elapsed); it is drawn only on a terminal")
     comp.set_defaults(fn=cmd_compile)
 
     run = sub.add_parser("run", help="load an artifact and run it on random or given inputs")

@@ -21,6 +21,7 @@ from torch.export import ExportedProgram
 
 from . import passes as graph_passes
 from .backends import AotRunner, InductorOptions, JitRunner, check_backend
+from .progress import CompileProgress, count_cpp_kernels
 from .runtime.compiled import FREEU_INPUT, CompiledUNet, artifact_doc, config_to_dict
 from .runtime.signature import Signature
 # Kept importable from here (older code and tests): saving and loading live in runtime/artifacts.py.
@@ -45,7 +46,7 @@ def _float_timestep(timestep, sample: torch.Tensor) -> torch.Tensor:
 def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None, *,
             backend: str = "inductor", passes: str | Sequence | None = "default",
             options: InductorOptions | None = None, config=None, check_finite: bool = False,
-            **forward_kwargs) -> CompiledUNet:
+            progress: bool | CompileProgress | None = None, **forward_kwargs) -> CompiledUNet:
     """Export `unet` on these example inputs, run the graph passes, compile with `backend`.
 
     unet: `compiled_unet.UNet2DConditionModel`, diffusers' `UNet2DConditionModel`, or an ExportedProgram of
@@ -54,6 +55,9 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
         None (no passes) or a list of pass functions.
     options: InductorOptions (None: per-device defaults).
     check_finite: every call raises, naming the input, if a floating input holds NaN or inf.
+    progress: a status line on stderr (stage, C++ kernels done/total, elapsed): None = when stderr is a
+        terminal (and COMPILED_UNET_PROGRESS is not 0), True/False, or a CompileProgress. The stage timings
+        are kept as `compiled.compile_stages` either way.
     With FreeU enabled on our UNet, its scales become graph inputs: the compiled UNet's `enable_freeu` /
     `disable_freeu` then change them without a recompile.
     """
@@ -74,32 +78,49 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
         passes = graph_passes.DEFAULT_PASSES if backend == "xla" else graph_passes.default_passes(sample.device)
     passes = None if passes is None else list(passes)
 
+    if not isinstance(progress, CompileProgress):
+        progress = CompileProgress(enabled=progress)
+    try:
+        compiled = _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwargs, backend=backend,
+                                   passes=passes, options=options, config=config, check_finite=check_finite,
+                                   progress=progress)
+    finally:
+        progress.close()
+    compiled.compile_stages = dict(progress.stages)
+    return compiled
+
+
+def _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwargs, *, backend, passes, options,
+                    config, check_finite, progress: CompileProgress) -> CompiledUNet:
+    """export -> passes -> lowering, each a timed stage of `progress`."""
     freeu = None
     if isinstance(unet, ExportedProgram):
         exported = unet
     else:
         timestep = _float_timestep(timestep, sample)
-        exported, freeu = _export_with_freeu_inputs(
-            unet, sample, timestep, {"encoder_hidden_states": encoder_hidden_states, **forward_kwargs})
+        with progress.stage("export"):
+            exported, freeu = _export_with_freeu_inputs(
+                unet, sample, timestep, {"encoder_hidden_states": encoder_hidden_states, **forward_kwargs})
         config = unet.config if config is None else config
-    optimized, report = run_passes(exported, passes)
+    with progress.stage("passes"):
+        optimized, report = run_passes(exported, passes)
     signature = Signature.from_program(optimized)
     args, kwargs = signature.bind(*optimized.example_inputs[0], **optimized.example_inputs[1])
     config_dict = config_to_dict(config)
     fused = None if report is None else report.rewrites.get("fuse_qkv", 0) > 0
-    if backend == "xla":
-        from .backends.xla import OpenXlaRunner
+    with progress.stage("lowering"), count_cpp_kernels(progress):
+        if backend == "xla":
+            from .backends.xla import OpenXlaRunner
 
-        runner = OpenXlaRunner(optimized, args, kwargs)
-    else:
-        resolved = options.resolve(sample.device)
-        if resolved.aot:
-            runner = AotRunner.compile(optimized, resolved, artifact_doc(signature, config_dict, freeu, fused))
+            runner = OpenXlaRunner(optimized, args, kwargs)
         else:
-            runner = JitRunner(optimized, resolved, args, kwargs)
+            resolved = options.resolve(sample.device)
+            if resolved.aot:
+                runner = AotRunner.compile(optimized, resolved, artifact_doc(signature, config_dict, freeu, fused))
+            else:
+                runner = JitRunner(optimized, resolved, args, kwargs)
     return CompiledUNet(runner, signature, config_dict, exported=exported, optimized=optimized, passes=passes,
                         report=report, freeu=freeu, fused_qkv=fused, check_finite=check_finite)
-
 
 FREEU_BUFFER = re.compile(r"up_blocks\.(\d+)\.freeu\.([bs])")
 

@@ -73,6 +73,9 @@ def test_jit_matches_eager(tiny_model, compiled_jit):
     (tup,) = compiled_jit(sample * 0.5, timestep, return_dict=False, **kwargs)
     assert_close_to_eager(tup, _eager(model, sample * 0.5, timestep, **kwargs))
     assert compiled_jit.report is not None and compiled_jit.report["fuse_qkv"] > 0  # the passes ran
+    # compile() times its stages (compiled_unet/progress.py) whether or not a status line was drawn.
+    assert list(compiled_jit.compile_stages) == ["export", "passes", "lowering"]
+    assert all(seconds > 0 for seconds in compiled_jit.compile_stages.values())
 
 
 def test_jit_never_recompiles(tiny_model, compiled_jit):

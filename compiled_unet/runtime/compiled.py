@@ -91,6 +91,7 @@ class CompiledUNet(torch.nn.Module):
         self.check_finite = check_finite
         self._exported, self._optimized, self._passes = exported, optimized, passes
         self.fused_qkv = fused_qkv             # True when the graph's attention projections are fused
+        self.compile_stages: dict[str, float] = {}   # stage -> seconds, set by compile() (empty when loaded)
         n_inputs = sum(x.name.startswith(FREEU_INPUT) for x in signature.leaves)
         if len(freeu or {}) != n_inputs:
             raise ValueError(f"FreeU scales {sorted(freeu or {})} do not match the graph's {n_inputs} scale inputs")
