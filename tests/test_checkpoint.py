@@ -44,10 +44,8 @@ MODEL_KINDS = ["diffusers", "compiled_unet"]
 def model_class(kind):
     if kind == "diffusers":
         return diffusers.UNet2DConditionModel
-    try:
-        from compiled_unet import UNet2DConditionModel
-    except ImportError:
-        pytest.skip("compiled_unet.UNet2DConditionModel is not importable yet")
+    from compiled_unet import UNet2DConditionModel
+
     return UNet2DConditionModel
 
 

@@ -22,19 +22,7 @@ from hypothesis import strategies as st
 
 import oracle as O
 import strategies as S
-
-
-def _load_ours():
-    try:
-        import compiled_unet
-
-        return compiled_unet.UNet2DConditionModel, ""
-    except Exception as exc:  # not written yet, or mid-edit
-        return None, f"compiled_unet.UNet2DConditionModel is not importable: {type(exc).__name__}: {exc}"
-
-
-OURS, _WHY = _load_ours()
-needs_ours = pytest.mark.skipif(OURS is None, reason=_WHY or "ours missing")
+from compiled_unet import UNet2DConditionModel as OURS
 
 
 def _examples(fraction: float = 1.0) -> settings:
@@ -158,17 +146,16 @@ def test_construct_only_families_fail_in_diffusers(cfg):
 
 # Each family gets the profile's full budget (ci: 10 examples); K blocks (32/64 channels) and GLIGEN
 # (512-wide position net) are the heaviest, so they get a little less.
-test_parity_sd = needs_ours(_examples()(_parity_property("test_parity_sd", "sd")))
-test_parity_sdxl = needs_ours(_examples()(_parity_property("test_parity_sdxl", "sdxl")))
-test_parity_unclip = needs_ours(_examples()(_parity_property("test_parity_unclip", "unclip")))
-test_parity_kandinsky = needs_ours(_examples()(_parity_property("test_parity_kandinsky", "kandinsky")))
-test_parity_attention_blocks = needs_ours(_examples()(_parity_property("test_parity_attention_blocks", "attn")))
-test_parity_k_diffusion = needs_ours(_examples(0.8)(_parity_property("test_parity_k_diffusion", "k")))
-test_parity_gligen = needs_ours(_examples(0.8)(_parity_property("test_parity_gligen", "gligen", max_blocks=2)))
-test_parity_mixed_blocks = needs_ours(_examples()(_parity_property("test_parity_mixed_blocks", "mixed")))
+test_parity_sd = _examples()(_parity_property("test_parity_sd", "sd"))
+test_parity_sdxl = _examples()(_parity_property("test_parity_sdxl", "sdxl"))
+test_parity_unclip = _examples()(_parity_property("test_parity_unclip", "unclip"))
+test_parity_kandinsky = _examples()(_parity_property("test_parity_kandinsky", "kandinsky"))
+test_parity_attention_blocks = _examples()(_parity_property("test_parity_attention_blocks", "attn"))
+test_parity_k_diffusion = _examples(0.8)(_parity_property("test_parity_k_diffusion", "k"))
+test_parity_gligen = _examples(0.8)(_parity_property("test_parity_gligen", "gligen", max_blocks=2))
+test_parity_mixed_blocks = _examples()(_parity_property("test_parity_mixed_blocks", "mixed"))
 
 
-@needs_ours
 @_examples()
 @given(data=st.data())
 def test_parity_controlnet_and_adapter_residuals(data):
@@ -185,7 +172,6 @@ def test_parity_controlnet_and_adapter_residuals(data):
     check_parity(cfg, spec)
 
 
-@needs_ours
 @_examples()
 @given(cfg=S.unet_configs(families=S.CONSTRUCT_ONLY_FAMILIES))
 def test_state_dict_parity_construct_only(cfg):
@@ -231,7 +217,6 @@ NAMED = {
 }
 
 
-@needs_ours
 @pytest.mark.parametrize("name", sorted(NAMED))
 def test_parity_named_configs(name):
     cfg, spec = NAMED[name]
@@ -266,7 +251,6 @@ def test_invalid_config_rejected_by_diffusers(name):
         O.build_diffusers_unet(_INVALID[name])
 
 
-@needs_ours
 @pytest.mark.parametrize("name", sorted(_INVALID))
 def test_invalid_config_rejected_by_ours(name):
     with pytest.raises(ValueError):

@@ -138,11 +138,9 @@ def test_diffusers_fused_projections_are_left_alone(g):
 
 
 def test_our_unet_equivalence(g):
-    compiled_unet = pytest.importorskip("compiled_unet")
-    ours = getattr(compiled_unet, "UNet2DConditionModel", None)
-    if ours is None:
-        pytest.skip("compiled_unet.UNet2DConditionModel not there yet")
-    unet = tiny_unet(cls=ours)
+    from compiled_unet import UNet2DConditionModel
+
+    unet = tiny_unet(cls=UNet2DConditionModel)
     for freeu in (None, dict(s1=0.9, s2=0.2, b1=1.2, b2=1.4)):
         for masked in (False, True):
             check_model(g, unet, 2, 4, freeu, masked, "sdpa")
