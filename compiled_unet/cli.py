@@ -261,6 +261,30 @@ def cmd_run(args) -> int:
     return 0
 
 
+# ---- serve: Ray Serve replicas of a saved artifact (compiled_unet.serving; Ray is the optional extra) ------
+def cmd_serve(args) -> int:
+    import time
+
+    if not os.path.exists(args.artifact):
+        raise UserError(f"{args.artifact!r}: no such artifact (a .pt2 or a bucket folder from `compiled-unet compile`)")
+    if args.replicas < 1:
+        raise UserError(f"--replicas {args.replicas}: must be >= 1")
+    try:
+        from .serving import deployment
+    except ImportError as e:
+        raise UserError(f"serve needs Ray Serve: pip install 'compiled_unet[serve]' ({e})")
+    deployment.run_local(args.artifact, replicas=args.replicas, port=args.port, host=args.host, address=args.address,
+                         num_cpus=args.num_cpus, batch_wait_timeout_s=args.batch_wait_ms / 1e3)
+    print(f"serving {args.artifact} with {args.replicas} replica(s) on http://{args.host}:{args.port}/ "
+          f"(POST safetensors bytes; see compiled_unet/serving/wire.py). Ctrl-C stops.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        deployment.shutdown()
+# ---- end serve -----------------------------------------------------------------------------------------
+
+
 # ---- bench: a thin call into benchmarks/bench.py (the benchmark suite's own code and options) ----------
 def cmd_bench(argv: list) -> int:
     """`compiled-unet bench ARGS` == `python -m benchmarks.bench ARGS`; benchmarks/ lives in the source checkout."""
@@ -330,6 +354,16 @@ def main(argv=None) -> int:
     insp.add_argument("--format", choices=("text", "json"), default="text")
     insp.add_argument("--svg", help="write a block-level picture (SVG) here")
     insp.set_defaults(fn=cmd_inspect)
+    serve = sub.add_parser("serve", help="serve an artifact on Ray Serve replicas (HTTP + Ray handles), batching requests")
+    serve.add_argument("artifact", help="a .pt2 or a bucket folder from `compile`")
+    serve.add_argument("--replicas", type=int, default=2)
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP address (default: loopback only)")
+    serve.add_argument("--address", default=None, help="join this Ray cluster (replicas on its machines) instead of "
+                       "starting Ray here")
+    serve.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use when started here")
+    serve.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a replica waits to fill a batch")
+    serve.set_defaults(fn=cmd_serve)
     sub.add_parser("bench", add_help=False, help="side-by-side benchmark vs diffusers (+ torch.compile); "
                    "see `compiled-unet bench --help`")
     args = parser.parse_args(argv)
