@@ -6,13 +6,13 @@ TORCHINDUCTOR_CACHE_DIR at the checkout's .cache/inductor (scripts/env.sh) rerun
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import struct
 import subprocess
 import sys
-import zlib
 
 import pytest
 
@@ -98,9 +98,11 @@ def test_records_and_plot(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     png = ratio_chart("t", [(v["name"], [v["speedup_vs_eager"], None]) for v in variants], ["a", "b"])
     w, h = _png_size(png)
-    # The image data decompresses to h rows of (filter byte + 3 bytes per pixel).
-    idat = png[png.index(b"IDAT") + 4:png.index(b"IEND") - 8]
-    assert len(zlib.decompress(idat)) == h * (1 + 3 * w)
+    # A decoder (Pillow, which matplotlib depends on) reads the whole image at the size the header states.
+    from PIL import Image
+    img = Image.open(io.BytesIO(png))
+    img.load()
+    assert img.size == (w, h) and w > 100 and h > 100
 
 
 def test_cli_bench_routes_to_benchmarks(capsys):
