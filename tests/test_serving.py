@@ -180,3 +180,212 @@ def test_cli_serve_missing_artifact_is_one_line_error(capsys, tmp_path):
     assert "no such artifact" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--replicas", "0"]) == 2
     assert "--replicas 0" in capsys.readouterr().err
+
+
+
+def test_load_report_counts_lost_duplicated_and_formed_calls():
+    """benchmarks/serve_load.py's summary (what RESULTS.md shows) on hand-made answers: it must see a lost
+    request, a duplicated one and a wrong one, and count the calls the server formed once each."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    from benchmarks.serve_load import make_requests, summarize
+
+    model, batcher = _eager_batcher()
+    reqs = make_requests(batcher, 4, [1, 2])
+    rows_of = {rid: x["sample"].shape[0] for rid, x in reqs}
+    direct = {"outputs": {rid: torch.ones(r, 4, 8, 8) for rid, r in rows_of.items()},
+              "latencies": dict.fromkeys(rows_of, 0.1), "wall_s": 1.0}
+    info = {"replica": "r0", "bucket_batch": 2, "rows": 2, "batch_ids": ["req-0", "req-1"]}
+    answer = lambda rid, v=1.0: {"request_id": rid, "sample": torch.full((rows_of[rid], 4, 8, 8), v),  # noqa: E731
+                                 "info": info, "attempts": 1}
+    answers = {"req-0": [answer("req-0")], "req-1": [answer("req-1"), answer("req-1")], "req-2": [answer("req-2", 2.0)]}
+    rec = summarize(reqs, {"answers": answers, "latencies": dict.fromkeys(answers, 0.2), "wall_s": 2.0,
+                           "killed": None}, direct, rows_of)
+    assert rec["lost"] == ["req-3"] and rec["duplicated"] == ["req-1"] and rec["max_rel_l2_vs_direct"] == 1.0
+    assert rec["formed_calls"] == {"bucket 2 / rows 2 / requests 2": 1}
+
+# ---------------------------------------------------------------- slow: a compiled bundle on Ray Serve
+N_LOAD = 24          # requests per load run: bounded (about 40 rows of the tiny UNet at 8x8)
+
+
+def _compiled_example(batch: int) -> dict:
+    (sample, t), kw = inputs_for("sd", batch=batch, hw=(8, 8), seed=20 + batch)
+    return dict(sample=sample, timestep=t, **kw)
+
+
+@functools.lru_cache(None)
+def _served_bundle() -> str:
+    """A bucket bundle of the tiny 'sd' UNet at 8x8 for batch 1 and batch 2. The batch-2 graph is the shared
+    fixtures' bucket 0 when this process compiled it already (the whole suite: test_buckets runs first), so
+    the suite pays one extra Inductor compile for serving; alone, this file compiles both."""
+    import compiled_fixtures as shared
+
+    import compiled_unet
+    from compiled_unet.buckets import compile_buckets
+    from compiled_unet.runtime import ShapeBuckets
+
+    model = shared.tiny()[0]
+    if shared.buckets.cache_info().currsize:
+        two = shared.buckets().buckets[0]
+        assert two.signature.leaf("sample").shape == (2, 4, 8, 8) and len(two.signature.shapes) == 3
+        bundle = ShapeBuckets([compile_buckets(model, [_compiled_example(1)]).buckets[0], two])
+    else:
+        bundle = compile_buckets(model, [_compiled_example(1), _compiled_example(2)])
+    return compiled_unet.save(bundle, os.path.join(shared._scratch_dir(), "serve_bundle"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    """(handle, port, artifact loaded here): 2 replicas on a Ray limited to 2 CPUs, no dashboard, loopback."""
+    ray = pytest.importorskip("ray")  # the `serve` extra, installed by scripts/env.sh (CI too)
+    import compiled_unet
+    from compiled_unet.serving import deployment
+
+    path = _served_bundle()
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = _free_port()
+        handle = deployment.run_local(path, replicas=2, port=port)
+        print(f"\n[serving] Ray + 2 replicas up in {time.perf_counter() - t0:.1f} s")
+        yield handle, port, compiled_unet.load(path)
+    finally:
+        deployment.shutdown()
+
+
+def _load_requests(n: int, seed: int) -> list[tuple[str, dict]]:
+    """n requests of 1 or 2 rows (fixed draw), each with its own latents, text and timesteps."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        rows = 1 + int(torch.randint(0, 2, (1,), generator=g))
+        out.append((f"s{seed}-{i}", {"sample": torch.randn(rows, 4, 8, 8, generator=g),
+                                     "timestep": torch.randint(0, 1000, (rows,), generator=g).float(),
+                                     "encoder_hidden_states": torch.randn(rows, 5, 8, generator=g)}))
+    return out
+
+
+def _send_all(handle, requests, kill_after=None):
+    """All requests from concurrent client threads (retrying on a dead replica, same id); with kill_after=K,
+    ray.kill the replica that gave the K-th answer (so it is mid-load: others are queued or running)."""
+    import concurrent.futures as futures
+
+    import ray
+
+    from compiled_unet.serving import infer_with_retry
+
+    answers, killed = [], None
+    with futures.ThreadPoolExecutor(len(requests)) as pool:
+        pending = [pool.submit(infer_with_retry, handle, x, rid) for rid, x in requests]
+        for n, fut in enumerate(futures.as_completed(pending), 1):
+            answers.append(fut.result())
+            if n == kill_after:
+                killed = answers[-1]["info"]["replica"]
+                ray.kill(ray.get_actor(killed, namespace="serve"), no_restart=True)
+    return answers, killed
+
+
+def _direct(bucket_unet, rows: list[dict]) -> torch.Tensor:
+    """The artifact called in this process on exactly these rows, padded by repeating the last row, with one
+    thread like a replica (a reduction split across threads could round differently)."""
+    batch = bucket_unet.signature.leaf("sample").shape[0]
+    cat = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+    cat = {k: torch.cat([v, v[-1:].expand(batch - v.shape[0], *v.shape[1:])]) for k, v in cat.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return bucket_unet(cat["sample"], cat["timestep"], encoder_hidden_states=cat["encoder_hidden_states"]).sample
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_answers(requests, answers, loaded) -> dict:
+    """Every request answered exactly once with its own id, and correct: bit-equal to the same composition
+    called directly; rel-L2 <= 1e-6 to the request alone; max-abs <= 1e-4 x scale to eager (the oracle)."""
+    import collections
+
+    by_id = dict(requests)
+    counts = collections.Counter(a["request_id"] for a in answers)
+    assert set(counts) == set(by_id), f"lost {set(by_id) - set(counts)}, unknown {set(counts) - set(by_id)}"
+    assert max(counts.values()) == 1, f"duplicated: {[k for k, v in counts.items() if v > 1]}"
+    buckets = {b.signature.leaf("sample").shape[0]: b for b in loaded.buckets}
+    model = build("sd")
+    formed, worst_alone = collections.Counter(), 0.0
+    for a in answers:
+        x, info = by_id[a["request_id"]], a["info"]
+        members = [by_id[i] for i in info["batch_ids"]]
+        assert info["offset"] == sum(m["sample"].shape[0] for m in members[:info["batch_ids"].index(a["request_id"])])
+        rows = slice(info["offset"], info["offset"] + x["sample"].shape[0])
+        same = _direct(buckets[info["bucket_batch"]], members)[rows]
+        assert torch.equal(a["sample"], same), f"{a['request_id']}: not bit-equal to its batch called directly"
+        alone = _direct(buckets[min(b for b in buckets if b >= x["sample"].shape[0])], [x])
+        worst_alone = max(worst_alone, closeness(a["sample"], alone).rel_l2)
+        assert_close(a["sample"], alone, scale_tol=1e-5, rel_l2=1e-6, what="served vs the request alone, directly")
+        with torch.no_grad():
+            ref = model(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"]).sample
+        assert_close(a["sample"], ref, scale_tol=1e-4, what="served vs eager")  # Inductor vs eager: 1e-4 x scale
+        formed[(info["bucket_batch"], info["rows"], len(info["batch_ids"]))] += 1
+    return {"formed": dict(formed), "worst_rel_l2_alone": worst_alone}
+
+
+@pytest.mark.slow
+def test_concurrent_mixed_requests_are_batched_and_answered_correctly(served):
+    handle, _, loaded = served
+    requests = _load_requests(N_LOAD, seed=1)
+    t0 = time.perf_counter()
+    answers, _ = _send_all(handle, requests)
+    print(f"[serving] {N_LOAD} requests in {time.perf_counter() - t0:.2f} s")
+    report = _check_answers(requests, answers, loaded)
+    print(f"[serving] calls formed (bucket, rows, requests) -> answers: {report}")
+    # Concurrency made the replicas combine requests: some call held two 1-row requests.
+    assert any(q >= 2 for (_, _, q) in report["formed"]), report
+
+
+@pytest.mark.slow
+def test_http_roundtrip_and_refusals(served):
+    handle, port, loaded = served
+    (rid, x), = _load_requests(1, seed=3)
+    body = wire.encode(x, {"request_id": rid})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        tensors, meta = wire.decode(resp.read())
+    assert meta["request_id"] == rid and int(meta["bucket_batch"]) >= x["sample"].shape[0]
+    ids = json.loads(meta["batch_ids"])
+    assert rid in ids
+    if ids == [rid]:  # alone in its call: bit-equal to the same call made directly
+        assert torch.equal(tensors["sample"], _direct(
+            {b.signature.leaf("sample").shape[0]: b for b in loaded.buckets}[int(meta["bucket_batch"])], [x]))
+    too_big = wire.encode({**x, "sample": torch.randn(3, 4, 8, 8), "timestep": torch.ones(3),
+                           "encoder_hidden_states": torch.randn(3, 5, 8)})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/", data=too_big, method="POST"),
+                               timeout=120)
+    assert e.value.code == 400
+    msg = e.value.read().decode()
+    assert "sample: [3, 4, 8, 8]" in msg and "batch 1:" in msg and "batch 2:" in msg, msg
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/", data=b"junk", method="POST"),
+                               timeout=120)
+    assert e.value.code == 400 and "not a safetensors file" in e.value.read().decode()
+    with pytest.raises(ValueError, match=r"sample: \[1, 4, 8, 16\]"):   # through a handle: the ValueError itself
+        handle.infer.remote({**x, "sample": torch.randn(1, 4, 8, 16)}, "bad").result(timeout_s=120)
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_load_loses_and_duplicates_nothing(served):
+    """ray.kill one replica after the 4th answer: the requests it held fail with an actor error on the client,
+    which sends them again (same id) to the surviving replica or the one Serve starts in its place."""
+    handle, _, loaded = served
+    requests = _load_requests(N_LOAD, seed=2)
+    answers, killed = _send_all(handle, requests, kill_after=4)
+    report = _check_answers(requests, answers, loaded)
+    retried = sorted(a["request_id"] for a in answers if a["attempts"] > 1)
+    print(f"[serving] killed {killed}; retried {len(retried)} request(s): {retried}; {report}")
+    assert killed and all(a["info"]["replica"] for a in answers)

@@ -21,8 +21,10 @@ _RAY_NAMES = ("UNetServer", "app", "run_local", "infer_with_retry", "shutdown", 
 
 def __getattr__(name: str):
     if name in _RAY_NAMES or name == "deployment":
+        import importlib
+
         try:
-            from . import deployment
+            deployment = importlib.import_module(f"{__name__}.deployment")  # not `from . import`: that asks __getattr__
         except ImportError as e:
             raise ImportError(f"compiled_unet.serving.{name} needs Ray Serve: pip install 'compiled_unet[serve]' "
                               f"({e})") from None

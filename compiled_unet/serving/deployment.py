@@ -2,7 +2,7 @@
 
     from compiled_unet.serving import deployment
     handle = deployment.run_local("unet_buckets/", replicas=2, port=8000)   # ray.init + serve.run
-    out = await handle.infer.remote({"sample": s, "timestep": t, "encoder_hidden_states": e}, "id-1")
+    out = handle.infer.remote({"sample": s, "timestep": t, "encoder_hidden_states": e}, "id-1").result()
     # or HTTP: POST http://127.0.0.1:8000/ with safetensors bytes (compiled_unet.serving.wire)
 
 Ray is imported here only (an optional extra: `pip install compiled_unet[serve]`). Replicas on several
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 
 import ray
@@ -102,16 +103,20 @@ def run_local(artifact: str, *, replicas: int = 2, port: int = 8000, host: str =
                      blocking=blocking)
 
 
-async def infer_with_retry(handle, inputs: dict, request_id: str, *, attempts: int = 5, backoff_s: float = 0.5):
-    """`handle.infer` with the same request id again when the replica died under it (RETRYABLE), so a
-    killed replica costs latency, not answers. Wrong requests (ValueError) are never retried."""
-    for attempt in range(attempts):
+def infer_with_retry(handle, inputs: dict, request_id: str, *, attempts: int = 5, backoff_s: float = 0.5,
+                     timeout_s: float = 120.0) -> dict:
+    """`handle.infer` (blocking; call it from threads for concurrency), sent again with the same request id
+    when the replica died under it (RETRYABLE): a killed replica costs latency, not answers. A wrong request
+    (ValueError) is never retried. The answer gains "attempts" (1 = first try)."""
+    for attempt in range(1, attempts + 1):
         try:
-            return await handle.infer.remote(inputs, request_id)
+            out = handle.infer.remote(inputs, request_id).result(timeout_s=timeout_s)
+            return {**out, "attempts": attempt}
         except RETRYABLE:
-            if attempt == attempts - 1:
+            if attempt == attempts:
                 raise
-            await asyncio.sleep(backoff_s * (attempt + 1))
+            time.sleep(backoff_s * attempt)
+    raise AssertionError("unreachable")
 
 
 def shutdown() -> None:
