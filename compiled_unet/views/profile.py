@@ -57,32 +57,49 @@ def _flat_inputs(ep: torch.export.ExportedProgram, args: tuple, kwargs: dict) ->
     return flat
 
 
-def profile_nodes(ep: torch.export.ExportedProgram, args: tuple | None = None, kwargs: dict | None = None,
-                  repeats: int = 3) -> NodeProfile:
-    """Median milliseconds per node of `ep` on (args, kwargs) (default: the program's example inputs)."""
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats={repeats!r}: expected a positive integer")
+def _prepare(ep, args, kwargs):
     if args is None and kwargs is None:
         if ep.example_inputs is None:
             raise ValueError("the program has no example_inputs: pass args/kwargs to profile it")
         args, kwargs = ep.example_inputs
-    args, kwargs = tuple(args or ()), dict(kwargs or {})
-    flat = _flat_inputs(ep, args, kwargs)
+    flat = _flat_inputs(ep, tuple(args or ()), dict(kwargs or {}))
     device = next((t.device for t in flat if torch.is_tensor(t)), torch.device("cpu"))
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    gm = ep.graph_module
-    runs: list[dict[str, float]] = []
-    wholes: list[float] = []
+    return flat, device, sync
+
+
+def profile_programs(programs: dict, args: tuple | None = None, kwargs: dict | None = None,
+                     repeats: int = 3) -> dict[str, NodeProfile]:
+    """profile_nodes for several programs (name -> ExportedProgram) on the same inputs, their runs
+    interleaved (A, B, A, B, ...) so that a busy machine slows them alike."""
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r}: expected a positive integer")
+    prepared = {name: _prepare(ep, args, kwargs) for name, ep in programs.items()}
+    runs: dict[str, list] = {name: [] for name in programs}
+    wholes: dict[str, list] = {name: [] for name in programs}
     with torch.no_grad():
-        gm(*flat)  # warm-up (allocator, oneDNN primitive caches)
+        for name, ep in programs.items():
+            ep.graph_module(*prepared[name][0])  # warm-up (allocator, oneDNN primitive caches)
         for _ in range(repeats):
-            interp = _TimedInterpreter(gm, sync)
-            interp.run(*flat)
-            runs.append(interp.times)
-            sync()
-            t0 = time.perf_counter()
-            gm(*flat)
-            sync()
-            wholes.append((time.perf_counter() - t0) * 1e3)
-    node_ms = {name: statistics.median(r[name] for r in runs) for name in runs[0]}
-    return NodeProfile(node_ms=node_ms, whole_ms=statistics.median(wholes), repeats=repeats, device=str(device))
+            for name, ep in programs.items():
+                flat, _, sync = prepared[name]
+                interp = _TimedInterpreter(ep.graph_module, sync)
+                interp.run(*flat)
+                runs[name].append(interp.times)
+                sync()
+                t0 = time.perf_counter()
+                ep.graph_module(*flat)
+                sync()
+                wholes[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name in programs:
+        node_ms = {n: statistics.median(r[n] for r in runs[name]) for n in runs[name][0]}
+        out[name] = NodeProfile(node_ms=node_ms, whole_ms=statistics.median(wholes[name]), repeats=repeats,
+                                device=str(prepared[name][1]))
+    return out
+
+
+def profile_nodes(ep: torch.export.ExportedProgram, args: tuple | None = None, kwargs: dict | None = None,
+                  repeats: int = 3) -> NodeProfile:
+    """Median milliseconds per node of `ep` on (args, kwargs) (default: the program's example inputs)."""
+    return profile_programs({"program": ep}, args, kwargs, repeats)["program"]
