@@ -22,7 +22,7 @@ from .._atomic import write_atomic
 from .categories import COLORS
 
 GRAPH_IDS = ("exported", "optimized")
-NODE_DATA = ("provenance", "category", "time_ms")
+NODE_DATA = ("category", "provenance", "time_ms")  # the last one loaded is shown: time if profiled
 SETTINGS = {"const_element_count_limit": 16}  # the adapter's only setting (its default {} raises KeyError)
 
 
