@@ -101,6 +101,8 @@ def cmd_inspect(args) -> int:
     from . import export
     from .inspect_graph import block_svg, inspect_program
 
+    if args.profile_repeats < 1:  # checked before the (slow) export
+        raise UserError(f"--profile-repeats {args.profile_repeats}: expected a positive integer")
     if args.program:
         if not os.path.isfile(args.program):
             raise UserError(f"--program {args.program!r}: no such file (expected a torch.export.save'd program)")
@@ -120,18 +122,44 @@ def cmd_inspect(args) -> int:
         ep = export(model, sample, timestep, **kwargs)
         title = args.checkpoint or args.preset
     pass_report = None
-    if args.passes:
+    views = None
+    if args.html or args.explorer or args.explorer_out or args.profile:  # compiled_unet.views (issue 13)
+        from . import views as views_mod
+        views = views_mod.build(ep, title, passes=None if args.passes else [], profile=args.profile,
+                                repeats=args.profile_repeats)
+        if args.passes:
+            ep, pass_report = views.optimized, views.pass_report
+    elif args.passes:
         from . import passes
         ep, pass_report = passes.optimize(ep)
     report = inspect_program(ep, pass_report)
     print(report.to_json() if args.format == "json" else report.text())
+    note = (lambda m: print(m, file=sys.stderr)) if args.format == "json" else print
     if args.svg:
         from ._atomic import write_atomic
 
         write_atomic(args.svg, block_svg(report, title=f"{title}{' (optimized)' if args.passes else ''}"))
-        if args.format != "json":
-            print(f"\nblock picture written to {args.svg}")
+        note(f"\nblock picture written to {args.svg}")
+    if views is not None:
+        _write_views(args, views, note)
     return 0
+
+
+def _write_views(args, views, note) -> None:
+    """--html, --explorer-out, --explorer of `inspect` (compiled_unet.views)."""
+    from . import views as views_mod
+
+    try:
+        if args.html:
+            note(f"HTML report written to {views_mod.write_html(views, args.html)}")
+        if args.explorer_out and not args.explorer:  # (--explorer writes the folder itself)
+            views_mod.write_explorer(views, args.explorer_out)
+            note(f"Model Explorer files written to {args.explorer_out}; serve them with "
+                 f"`python -m compiled_unet.views.explorer {args.explorer_out}`")
+        if args.explorer:
+            views_mod.explore(views, out_dir=args.explorer_out or None, port=args.port, open_browser=True)
+    except ImportError as e:  # an optional extra (explorer: model explorer, matplotlib) is not installed
+        raise UserError(str(e))
 
 
 
@@ -353,6 +381,15 @@ def main(argv=None) -> int:
     insp.add_argument("--freeu", help="enable FreeU before export: s1,s2,b1,b2 (e.g. 0.9,0.2,1.2,1.4)")
     insp.add_argument("--format", choices=("text", "json"), default="text")
     insp.add_argument("--svg", help="write a block-level picture (SVG) here")
+    insp.add_argument("--html", help="write one self-contained HTML report here (tables, block picture, charts)")
+    insp.add_argument("--explorer", action="store_true",
+                      help="serve the exported and optimized graphs side by side in Model Explorer on 127.0.0.1")
+    insp.add_argument("--explorer-out", metavar="DIR",
+                      help="write the Model Explorer graphs and overlay JSON files here (no server)")
+    insp.add_argument("--port", type=int, default=8765, help="Model Explorer port for --explorer (default 8765)")
+    insp.add_argument("--profile", action="store_true",
+                      help="time every node of both graphs (eager CPU/CUDA run, node by node) for the overlays")
+    insp.add_argument("--profile-repeats", type=int, default=3, help="runs per graph for --profile (median)")
     insp.set_defaults(fn=cmd_inspect)
     serve = sub.add_parser("serve", help="serve an artifact on Ray Serve replicas (HTTP + Ray handles), batching requests")
     serve.add_argument("artifact", help="a .pt2 or a bucket folder from `compile`")

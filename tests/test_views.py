@@ -191,3 +191,23 @@ def test_cli_inspect_views_bad_arguments(capsys):
 
     assert cli.main(["inspect", "--preset", "tiny", "--profile", "--profile-repeats", "0"]) == 2
     assert "--profile-repeats 0" in capsys.readouterr().err
+
+
+def test_cli_inspect_writes_html_and_explorer_files(tmp_path, capsys):
+    """`compiled-unet inspect --html --explorer-out` (FreeU on) writes both; the overlay's counts are the
+    text report's pass table's."""
+    pytest.importorskip("model_explorer")
+    from compiled_unet import cli
+
+    html, out = str(tmp_path / "r.html"), str(tmp_path / "me")
+    assert cli.main(["inspect", "--preset", "tiny", "--size", "8", "--freeu", "0.9,0.2,1.2,1.4",
+                     "--html", html, "--explorer-out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "HTML report written" in printed and "python -m compiled_unet.views.explorer" in printed
+    overlay = json.loads(open(os.path.join(out, "overlay.json")).read())
+    table = printed.split("passes (rewrites")[1]
+    for d in overlay["passes"]:  # each pass row of the printed table: name, rewrites, nodes after
+        row = next(line.split() for line in table.splitlines() if line.split()[:1] == [d["name"]])
+        assert (int(row[1]), int(row[2])) == (d["rewrites"], d["nodes_after"]), row
+    assert "freeu_fourier" in open(html).read()
+    assert sorted(os.listdir(out)) == ["category.json", "graphs.json", "overlay.json", "provenance.json", "url.txt"]

@@ -156,3 +156,24 @@ def serve_dir(out_dir: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, o
         import webbrowser
         threading.Timer(2.0, lambda: webbrowser.open_new_tab(f"http://{host}:{port}/{query}")).start()
     server.start(host=host, port=port, config=None, no_open_in_browser=True)
+
+
+def main(argv=None) -> int:
+    """python -m compiled_unet.views.explorer DIR [--port N] [--no-open]: serve a --explorer-out folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m compiled_unet.views.explorer", description=main.__doc__)
+    parser.add_argument("folder", help="a folder written by `compiled-unet inspect --explorer-out`")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--no-open", action="store_true", help="do not open a browser tab")
+    args = parser.parse_args(argv)
+    try:
+        serve_dir(args.folder, port=args.port, open_browser=not args.no_open)
+    except (OSError, ImportError) as e:
+        print(f"error: {e}", file=__import__("sys").stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
