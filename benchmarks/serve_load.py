@@ -5,8 +5,9 @@
 
 Sends N requests of mixed batch sizes (--rows, drawn with a fixed seed) from C client threads through a Ray
 Serve handle to R replicas, and reports throughput (rows/s, requests/s), p50/p99 latency and the calls the
-server formed (bucket batch, real rows, requests per call). Then the same requests, one at a time, through
-the same artifact loaded in this process (each padded to its nearest bucket): the no-server baseline.
+server formed (bucket batch, real rows, requests per call). First, the same requests one at a time through
+the same artifact loaded in this process (each padded to its nearest bucket; --direct-threads torch threads,
+default 1 as in each replica): the no-server baseline.
 Every served answer is checked against that direct answer (relative L2 <= 1e-6: another batch composition
 is other machine code; bit-equality is checked by tests/test_serving.py where the composition is identical).
 Without --artifact, a tiny-preset bundle (batch 1 and 2 at --size) is compiled first (two Inductor compiles).
@@ -21,7 +22,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import tempfile
 import time
 
@@ -162,13 +162,13 @@ def main(argv=None) -> int:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs Ray may use")
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
     p.add_argument("--kill-after", type=int, default=None, help="ray.kill one replica after this many answers")
+    p.add_argument("--direct-threads", type=int, default=1,
+                   help="torch threads for the direct baseline (default 1, as each replica; 2 replicas use 2 cores)")
     p.add_argument("--json", help="write the record here")
     p.add_argument("--results-md", help="append a row to this Markdown table")
     args = p.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1 or not 1 <= args.replicas <= 8:
         p.error("--requests and --concurrency must be >= 1, --replicas 1..8")
-
-    import ray
 
     import compiled_unet
     from compiled_unet.serving import Batcher
@@ -179,7 +179,12 @@ def main(argv=None) -> int:
     requests = make_requests(batcher, args.requests, [int(x) for x in args.rows.split(",")])
     rows_of = {rid: x["sample"].shape[0] for rid, x in requests}
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    # The baseline first, before Ray's processes exist; warmed like the replicas (first calls cost more).
+    torch.set_num_threads(args.direct_threads)
+    run_direct(batcher, requests[:4])
+    direct = run_direct(batcher, requests)
+
+    deployment.start_ray(num_cpus=args.num_cpus)
     try:
         t0 = time.perf_counter()
         handle = deployment.run_local(artifact, replicas=args.replicas, port=_free_port(),
@@ -189,10 +194,9 @@ def main(argv=None) -> int:
         served = run_served(handle, requests, args.concurrency, args.kill_after)
     finally:
         deployment.shutdown()
-    direct = run_direct(batcher, requests)
     rec = summarize(requests, served, direct, rows_of)
     rec.update(machine=machine_line(), artifact=artifact, buckets=batcher.describe_buckets(), replicas=args.replicas,
-               concurrency=args.concurrency, serve_startup_s=startup, batch_wait_ms=args.batch_wait_ms,
+               concurrency=args.concurrency, serve_startup_s=startup, direct_threads=args.direct_threads, batch_wait_ms=args.batch_wait_ms,
                date=time.strftime("%Y-%m-%d"))
     print(json.dumps(rec, indent=1, default=str))
     if args.json:

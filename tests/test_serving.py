@@ -15,7 +15,6 @@ Oracles and tolerances:
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import os
@@ -243,13 +242,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served():
     """(handle, port, artifact loaded here): 2 replicas on a Ray limited to 2 CPUs, no dashboard, loopback."""
-    ray = pytest.importorskip("ray")  # the `serve` extra, installed by scripts/env.sh (CI too)
+    pytest.importorskip("ray")  # the `serve` extra, installed by scripts/env.sh (CI too)
     import compiled_unet
     from compiled_unet.serving import deployment
 
     path = _served_bundle()
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    deployment.start_ray(num_cpus=2)
     try:
         port = _free_port()
         handle = deployment.run_local(path, replicas=2, port=port)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .batching import Batcher, Request, Result  # noqa: F401
 
-_RAY_NAMES = ("UNetServer", "app", "run_local", "infer_with_retry", "shutdown", "RETRYABLE")
+_RAY_NAMES = ("UNetServer", "app", "run_local", "infer_with_retry", "shutdown", "start_ray", "RETRYABLE")
 
 
 def __getattr__(name: str):

@@ -92,12 +92,26 @@ def app(artifact: str, *, replicas: int = 2, batch_wait_timeout_s: float = 0.01,
     return deployment.bind(os.path.abspath(artifact), batch_wait_timeout_s, torch_threads)
 
 
+def start_ray(*, address: str | None = None, num_cpus: int | None = None, attempts: int = 3) -> None:
+    """ray.init (no dashboard) unless Ray is up already. A local start is tried again when the raylet does not
+    register within Ray's fixed 30 s (it happens on a loaded 2-core machine; a retry then usually succeeds)."""
+    for attempt in range(1, attempts + 1):
+        if ray.is_initialized():
+            return
+        try:
+            ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                     log_to_driver=False)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for a slow node start
+            if address or "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            ray.shutdown()
+
+
 def run_local(artifact: str, *, replicas: int = 2, port: int = 8000, host: str = "127.0.0.1",
               address: str | None = None, num_cpus: int | None = None, blocking: bool = False, **options):
     """Start Ray (here, or join `address`), serve `artifact` on http://host:port/ and return the handle."""
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+    start_ray(address=address, num_cpus=num_cpus)
     serve.start(http_options={"host": host, "port": port})
     return serve.run(app(artifact, replicas=replicas, **options), name="compiled_unet", route_prefix="/",
                      blocking=blocking)
