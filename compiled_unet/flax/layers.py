@@ -189,9 +189,13 @@ class ResnetBlock2D(nn.Module):
 
 # -- attention ---------------------------------------------------------------------------------------
 
-def _query_chunk(n: int, limit: int = 1024) -> int:
-    """Largest divisor of n that is <= limit (static; so chunks tile the queries exactly)."""
-    for size in range(min(n, limit), 0, -1):
+# Queries per chunk with use_memory_efficient_attention (at most; a divisor of the query count).
+QUERY_CHUNK = 1024
+
+
+def _query_chunk(n: int) -> int:
+    """Largest divisor of n that is <= QUERY_CHUNK (static; so chunks tile the queries exactly)."""
+    for size in range(min(n, QUERY_CHUNK), 0, -1):
         if n % size == 0:
             return size
     return n

@@ -15,6 +15,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..blocks import BlockArgs
 from ..config import UNetConfig, _strip_unet_res
@@ -142,15 +143,17 @@ class _UNet:
         return kw
 
     def init_weights(self, rng) -> dict:
-        """Random parameters for this config, initialised under `jax.jit` (one compile, no eager tracing)."""
-        inputs = self.dummy_inputs()
+        """Random parameters: the tree from `jax.eval_shape` (no compute), values from ONE jitted draw.
 
-        @jax.jit
-        def init(key):
-            params_rng, dropout_rng = jax.random.split(key)
-            return self.init({"params": params_rng, "dropout": dropout_rng}, **inputs)["params"]
-
-        return init(rng)
+        Compiling the modules' own initializers takes minutes on CPU (one threefry kernel per parameter);
+        here one normal draw is sliced: kernels N(0, 1/fan_in) (LeCun, as flax's default, untruncated),
+        biases 0, norm scales 1, other parameters (embeddings, Fourier weights) N(0, 1),
+        `positional_embedding` N(0, 1/width). For real weights use `from_pretrained` or `convert`.
+        """
+        shapes = self.param_shapes()
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+        return _init_from_one_draw(tuple((tuple(k.key for k in path), s.shape, s.dtype) for path, s in leaves),
+                                   treedef, rng)
 
     def param_shapes(self) -> dict:
         """The parameter tree as `jax.ShapeDtypeStruct`s, without computing anything."""
@@ -388,6 +391,33 @@ class _UNet:
         if not return_dict:
             return (out,)
         return FlaxUNet2DConditionOutput(sample=out)
+
+
+def _init_from_one_draw(leaves: tuple, treedef, rng):
+    sizes = [int(np.prod(shape)) for _, shape, _ in leaves]
+
+    @jax.jit
+    def init(key):
+        flat = jax.random.normal(key, (max(1, sum(sizes)),), jnp.float32)
+        out, offset = [], 0
+        for (path, shape, dtype), size in zip(leaves, sizes):
+            name = path[-1]
+            if name == "bias":
+                out.append(jnp.zeros(shape, dtype))
+                continue
+            if name == "scale":
+                out.append(jnp.ones(shape, dtype))
+                continue
+            x = flat[offset: offset + size].reshape(shape)
+            offset += size
+            if name == "kernel":
+                x = x * (1.0 / np.sqrt(max(1, int(np.prod(shape[:-1])))))
+            elif name == "positional_embedding":
+                x = x * (1.0 / np.sqrt(shape[-1]))
+            out.append(x.astype(dtype))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return init(rng)
 
 
 def _first(value):
