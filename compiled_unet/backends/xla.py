@@ -7,8 +7,12 @@ Two routes from one `torch.export.ExportedProgram` (optionally `passes.optimize`
   * artifact: `export_stablehlo(ep, path)` lowers the program with `torch_xla.stablehlo` and writes the
     StableHLO bytecode, its weights and a manifest to the directory `path` (atomically: a temp dir, then a
     rename); `load_stablehlo(path)` runs it again in any process with torch_xla, without the model source.
-    torch_xla 2.9 runs a loaded StableHLO module through `_run_stablehlo`, which compiles on every call (no
-    executable cache); use `compile_openxla` for repeated calls in one process.
+    A loaded artifact compiles once per process: torch_xla 2.9's own StableHLO runner (`_run_stablehlo`)
+    compiles on every call and has no executable cache, so the artifact also carries the HLO module of the
+    same lowering (HLO_FILE; the StableHLO is converted from it, same parameters in the same order), which
+    runs as one torch_xla user computation: the lazy graph around it is hashed and its executable cached like
+    any torch_xla graph. With torch_xla's persistent cache (`load_stablehlo(path, cache_dir=...)`, or
+    `enable_persistent_cache`) a second process on the machine loads the executable instead of compiling.
 
     ep = compiled_unet.export(unet, sample, t, text)
     fast = compile_openxla(ep, optimize=True)
@@ -23,10 +27,14 @@ environment (`bash scripts/env_xla.sh` makes `.venv-xla`); this module imports w
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
+import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,6 +46,7 @@ from ..errors import DamagedArtifact
 
 FORMAT = "compiled_unet.xla-stablehlo/1"
 MANIFEST = "compiled_unet_xla.json"
+HLO_FILE = "compiled_unet_hlo.pb"   # the HLO module the StableHLO was converted from (what runs, compiled once)
 ENV_HINT = ("run bash scripts/env_xla.sh, then use .venv-xla/bin/python (torch 2.9.1 + torch-xla 2.9.0; "
             "PJRT_DEVICE=CPU, or TPU on a TPU host)")
 
@@ -76,6 +85,23 @@ def compile_count() -> int:
     import torch_xla.debug.metrics as met
     data = met.metric_data("CompileTime")
     return int(data[0]) if data else 0
+
+
+def enable_persistent_cache(path, readonly: bool = False) -> None:
+    """Turn on torch_xla's persistent compilation cache at `path` (compiled executables on disk, keyed by graph
+    hash), so another process on this machine loads them instead of compiling. Must come before this process
+    runs anything on the XLA device; the same path again is a no-op."""
+    torch_xla = _torch_xla()
+    import torch_xla.runtime as xr
+
+    path = os.fspath(path)
+    if torch_xla._XLAC._xla_computation_cache_is_initialized():
+        if os.environ.get("XLA_PERSISTENT_CACHE_PATH") == path:
+            return
+        raise RuntimeError(f"enable_persistent_cache({path!r}): this process already ran XLA computations "
+                           f"without that cache; call it (or load_stablehlo(..., cache_dir=...)) first")
+    os.makedirs(path, exist_ok=True)
+    xr.initialize_cache(path, readonly=readonly)
 
 
 def _check_program(program) -> torch.export.ExportedProgram:
@@ -188,14 +214,26 @@ def _check_json_constants(signature: Signature) -> None:
 
 
 class StableHLOModule:
-    """A StableHLO UNet artifact on the XLA device, called like `ep.module()` (tensor shapes and dtypes fixed)."""
+    """A StableHLO UNet artifact on the XLA device, called like `ep.module()` (tensor shapes and dtypes fixed).
 
-    def __init__(self, graph, manifest: dict, path: Path | None, device: torch.device):
+    With the artifact's HLO module (HLO_FILE) the first call compiles and later calls reuse the executable
+    (`compiles_once`); an artifact written before HLO_FILE existed runs through torch_xla's `_run_stablehlo`,
+    which compiles on every call (write it again to fix that)."""
+
+    def __init__(self, graph, manifest: dict, path: Path | None, device: torch.device, hlo: bytes | None = None):
         self.graph = graph      # torch_xla.stablehlo.StableHLOGraphModule
         self.manifest = manifest
         self.path = path
         self.device = device
         self.signature = Signature.from_json(manifest["signature"])
+        self.first_call_seconds: float | None = None   # wall time of the first call (XLA compile + run)
+        self._computation = self._name = None
+        if hlo is not None:
+            torch_xla = _torch_xla()
+            # A name from the HLO's digest: the same artifact hashes alike in every process (persistent cache).
+            self._name = f"xla::compiled_unet_{hashlib.sha256(hlo).hexdigest()[:16]}"
+            self._computation = torch_xla._XLAC._xla_op_computation_from_module_proto(self._name, hlo)
+        self._func = graph._bundle.stablehlo_funcs[0]
         # Weights go to the device once, not on every call (the bundle keeps numpy arrays otherwise).
         bundle = graph._bundle
         bundle.state_dict = {k: torch.from_numpy(v).to(device) if not isinstance(v, torch.Tensor) else v.to(device)
@@ -210,12 +248,35 @@ class StableHLOModule:
     def __call__(self, *args, **kwargs):
         return self.call_bound(*self.signature.bind(*args, **kwargs))
 
+    @property
+    def compiles_once(self) -> bool:
+        """True when calls reuse one compiled executable (the artifact carries its HLO module)."""
+        return self._computation is not None
+
     def call_bound(self, args: tuple, kwargs: dict):
         leaves = pytree.tree_leaves((args, kwargs))
         tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
         home = _home_device(tensors)
-        out = self.graph(*[t.to(self.device) for t in tensors])
-        return _to(out, home) if home.type != "xla" else out
+        t0 = time.perf_counter()
+        if self._computation is None:
+            out = self.graph(*[t.to(self.device) for t in tensors])
+        else:
+            out = self._run_cached([t.to(self.device) for t in tensors])
+        out = _to(out, home) if home.type != "xla" else out   # a transfer waits for the result
+        if self.first_call_seconds is None:
+            self.first_call_seconds = time.perf_counter() - t0
+        return out
+
+    def _run_cached(self, tensors: list):
+        """The HLO module as one user computation in torch_xla's lazy graph: graph hash -> cached executable."""
+        import torch_xla
+        from torch_xla.stablehlo import _extract_call_parameters
+
+        # Weights and lifted constants in the HLO module's parameter order (the StableHLO's: the same lowering).
+        params = _extract_call_parameters(tuple(tensors), self._func.meta, self.graph._bundle)
+        flat = torch_xla._XLAC._xla_user_computation(self._name, params, self._computation)
+        spec = self._func.meta.output_pytree_spec
+        return pytree.tree_unflatten(list(flat), pytree.treespec_loads(spec)) if spec is not None else flat
 
 
 def write_stablehlo(program: torch.export.ExportedProgram, folder, *, include_text: bool = True,
@@ -232,14 +293,55 @@ def write_stablehlo(program: torch.export.ExportedProgram, folder, *, include_te
     tensors = tuple(v for v in pytree.tree_leaves(program.example_inputs) if isinstance(v, torch.Tensor))
     with torch.no_grad():
         flat_program = torch.export.export(flat, tensors, strict=False)
-    graph = exported_program_to_stablehlo(flat_program, StableHLOExportOptions(include_human_readable_text=include_text))
+    with _capture_hlo() as hlo:
+        graph = exported_program_to_stablehlo(flat_program,
+                                              StableHLOExportOptions(include_human_readable_text=include_text))
+    if len(hlo) != 1:
+        raise RuntimeError(f"write_stablehlo: expected one HLO module from torch_xla's StableHLO lowering, got "
+                           f"{len(hlo)} (torch_xla {getattr(torch_xla, '__version__', '?')} changed its exporter?)")
     manifest = {**(doc or {}), "format": FORMAT, "signature": signature.to_json(), "torch": torch.__version__,
-                "torch_xla": getattr(torch_xla, "__version__", "?"),
+                "torch_xla": getattr(torch_xla, "__version__", "?"), "hlo": HLO_FILE,
                 "lower_seconds": round(time.perf_counter() - t0, 3)}
     graph.save(str(folder))
+    with open(Path(folder) / HLO_FILE, "wb") as f:
+        f.write(hlo[0])
     with open(Path(folder) / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
     return graph, manifest
+
+
+@contextlib.contextmanager
+def _capture_hlo():
+    """Record the HLO module of every graph torch_xla's StableHLO exporter converts (it converts the lazy graph's
+    HLO with `xla_model.get_stablehlo_bytecode`; the HLO is the same graph, with the same parameters)."""
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+
+    captured: list[bytes] = []
+    original = xm.get_stablehlo_bytecode
+
+    def get_stablehlo_bytecode(tensors=None):
+        captured.append(torch_xla._XLAC._get_xla_tensors_hlo_proto(tensors))
+        return original(tensors)
+
+    xm.get_stablehlo_bytecode = get_stablehlo_bytecode
+    try:
+        yield captured
+    finally:
+        xm.get_stablehlo_bytecode = original
+
+
+def _read_hlo(path: Path, manifest: dict) -> bytes | None:
+    if "hlo" not in manifest:
+        warnings.warn(f"{path}: a StableHLO artifact without its HLO module (written before compiled_unet stored "
+                      f"{HLO_FILE}); torch_xla recompiles it on every call. Export it again to compile once.",
+                      stacklevel=3)
+        return None
+    try:
+        return (path / manifest["hlo"]).read_bytes()
+    except OSError:
+        raise DamagedArtifact(f"{path}: damaged StableHLO artifact (its HLO module {manifest['hlo']} is "
+                              f"missing or unreadable)") from None
 
 
 def export_stablehlo(program: torch.export.ExportedProgram, path, *, optimize: bool = False,
@@ -250,7 +352,7 @@ def export_stablehlo(program: torch.export.ExportedProgram, path, *, optimize: b
     program = _maybe_optimize(_check_program(program), optimize)
     with atomic_dir(path) as tmp:
         graph, manifest = write_stablehlo(program, tmp, include_text=include_text, doc={"optimized": bool(optimize)})
-    return StableHLOModule(graph, manifest, Path(path), xla_device())
+    return StableHLOModule(graph, manifest, Path(path), xla_device(), _read_hlo(Path(path), manifest))
 
 
 def read_manifest(path) -> dict:
@@ -269,19 +371,23 @@ def read_manifest(path) -> dict:
     return manifest
 
 
-def load_stablehlo(path, device=None) -> StableHLOModule:
-    """Load a directory written by `export_stablehlo` (needs torch_xla, not the model source)."""
+def load_stablehlo(path, device=None, *, cache_dir=None) -> StableHLOModule:
+    """Load a directory written by `export_stablehlo` (needs torch_xla, not the model source). The first call
+    compiles, later calls reuse the executable. `cache_dir`: torch_xla's persistent compilation cache there
+    (`enable_persistent_cache`), so that the first call of another process on this machine does not compile."""
     _torch_xla()
     from torch_xla.stablehlo import StableHLOGraphModule
 
     manifest = read_manifest(path)
+    if cache_dir is not None:
+        enable_persistent_cache(cache_dir)   # before the device is touched
     device = torch.device(device) if device is not None else xla_device()
     try:
         graph = StableHLOGraphModule.load(str(path))
     except Exception as e:  # noqa: BLE001 - torch_xla's errors name neither the folder nor the cause
         raise DamagedArtifact(f"{path}: the StableHLO artifact is damaged and cannot be loaded "
                               f"({type(e).__name__})") from None
-    return StableHLOModule(graph, manifest, Path(path), device)
+    return StableHLOModule(graph, manifest, Path(path), device, _read_hlo(Path(path), manifest))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,5 +453,5 @@ class StableHLORunner(_XlaRunnerBase):
 
 
 __all__ = ["FORMAT", "OpenXLAModule", "OpenXlaRunner", "StableHLOModule", "StableHLORunner", "XLAEnvironmentMissing",
-           "available", "compile_count", "compile_openxla", "export_stablehlo", "load_stablehlo", "read_manifest",
+           "available", "compile_count", "compile_openxla", "enable_persistent_cache", "export_stablehlo", "load_stablehlo", "read_manifest",
            "write_stablehlo", "xla_device"]
