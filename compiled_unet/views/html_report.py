@@ -22,15 +22,16 @@ height:10px;border:1px solid #888;margin-right:4px}
 """
 
 
-def _table(head: list[str], rows: list[list], numeric_from: int = 1, cls: str = "") -> str:
-    out = [f'<table class="{cls}"><tr>' + "".join(f"<th>{html.escape(str(h))}</th>" for h in head) + "</tr>"]
+def _table(head: list[str], rows: list[list], numeric_from: int = 1, numeric_to: int | None = None) -> str:
+    """An HTML table; columns numeric_from..numeric_to (exclusive) are right-aligned numbers."""
+    out = ['<div class="fig"><table><tr>' + "".join(f"<th>{html.escape(str(h))}</th>" for h in head) + "</tr>"]
     for r in rows:
         cells = []
         for i, c in enumerate(r):
-            klass = ' class="n"' if i >= numeric_from else ""
+            klass = ' class="n"' if numeric_from <= i < (numeric_to or len(r)) else ""
             cells.append(f"<td{klass}>{html.escape(str(c))}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
-    return "\n".join(out) + "</table>"
+    return "\n".join(out) + "</table></div>"
 
 
 def _mib(n: int) -> str:
@@ -66,7 +67,7 @@ def render(title: str, exported: GraphReport, optimized: GraphReport, pass_repor
         ce, co = exported.blocks.get(block), optimized.blocks.get(block)
         common = ", ".join(f"{k} ×{v}" for k, v in (co or ce).most_common(6))
         rows.append([block, sum(ce.values()) if ce else 0, sum(co.values()) if co else 0, common])
-    parts.append(_table(["block", "ops exported", "ops optimized", "most common (optimized)"], rows))
+    parts.append(_table(["block", "ops exported", "ops optimized", "most common (optimized)"], rows, numeric_to=3))
 
     # Per-pass table
     parts.append("<h2 id='passes'>Passes</h2>")
@@ -78,7 +79,6 @@ def render(title: str, exported: GraphReport, optimized: GraphReport, pass_repor
     rows = [["(exported)", "", pass_report.nodes_before, "", "", ""] + [pass_report.ops_before.get(o, 0) for o in changed]]
     for s in pass_report.stats:
         d = deltas.get(s.name, {})
-        colour = overlay["pass_colors"].get(s.name, "#fff")
         rows.append([s.name, s.rewrites, s.nodes_after, d.get("created", ""), d.get("erased", ""), d.get("rewired", "")]
                     + [s.ops_after.get(o, 0) for o in changed])
     table = _table(head, rows)
