@@ -11,8 +11,11 @@ Two routes from one `torch.export.ExportedProgram` (optionally `passes.optimize`
     compiles on every call and has no executable cache, so the artifact also carries the HLO module of the
     same lowering (HLO_FILE; the StableHLO is converted from it, same parameters in the same order), which
     runs as one torch_xla user computation: the lazy graph around it is hashed and its executable cached like
-    any torch_xla graph. With torch_xla's persistent cache (`load_stablehlo(path, cache_dir=...)`, or
-    `enable_persistent_cache`) a second process on the machine loads the executable instead of compiling.
+    any torch_xla graph. With torch_xla's persistent cache (`load_stablehlo(path, cache_dir=...)`,
+    `enable_persistent_cache`, or torch_xla's own XLA_PERSISTENT_CACHE_PATH set before the process starts, which
+    `compiled_unet.load` and the CLI honour) a second process on the machine finds the executable and loads it
+    instead of compiling, where PJRT can deserialize executables (TPU, GPU; torch_xla 2.9's PJRT CPU cannot,
+    so on CPU each process compiles once).
 
     ep = compiled_unet.export(unet, sample, t, text)
     fast = compile_openxla(ep, optimize=True)
