@@ -379,9 +379,12 @@ def main(argv=None) -> int:
     png = os.path.splitext(json_path)[0] + ".png"
     series = [f"vs {roles['a'] or 'eager'}", f"vs {roles['b'] or 'recipe'}"]
     ok = [v for v in record["variants"] if not v.get("error") and "median_ms" in v]
-    write_atomic(png, plot.ratio_chart(f"{case.describe()}: speed-up (median)",
-                                       [(v["name"], [v["speedup_vs_eager"], v["speedup_vs_recipe"]]) for v in ok],
-                                       series))
+    try:  # matplotlib (the explorer extra) may be missing on a bare GPU machine: the record still counts
+        write_atomic(png, plot.ratio_chart(f"{case.describe()}: speed-up (median)",
+                                           [(v["name"], [v["speedup_vs_eager"], v["speedup_vs_recipe"]]) for v in ok],
+                                           series))
+    except ImportError as e:
+        png = f"not drawn ({e})"
     log(f"record: {json_path}\nplot:   {png}")
     if not args.no_record:
         record["_md"] = os.path.abspath(args.results_md)
