@@ -131,7 +131,8 @@ def _write_workdir(workdir, fmodel, params, x):
 
 
 def _run(mode, workdir):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, os.path.join(HERE, "subprocess_checks.py"), mode, str(workdir)],
                           env=env, capture_output=True, text=True, timeout=600)
