@@ -84,7 +84,7 @@ def test_flax_fp32_matches_torch(case):
     # fp32, XLA vs PyTorch CPU kernels on identical weights: rel-L2 <= 1e-5 (issue 11), max-abs <= 1e-4 x max(1, |ref|)
     c = assert_close(torch.from_numpy(np.array(out)), ref, scale_tol=1e-4, rel_l2=1e-5,
                      what=f"Flax fp32 vs PyTorch [{_family(cfg)}; {describe_spec(spec)}]")
-    print(f"[fp32 {_family(cfg)}] {c}")
+    print(f"[fp32 {_family(cfg)}] {c}; output {tuple(ref.shape)}, |ref| max {float(ref.abs().max()):.3g}")
 
 
 @st.composite
