@@ -86,6 +86,56 @@ def test_flax_matches_torch_fp32_under_jit(name):
     _assert_weights_round_trip(tm, params)
 
 
+def _extra_cases(b: int = 2):
+    """Embedding/option variants beyond tests/cases.py: (config, forward kwargs, (H, W))."""
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return {
+        # odd latent size (upsample_size forwarded), "text" added embedding, projection class embedding,
+        # per-block only_cross_attention, text_proj encoder_hid_proj
+        "text_add_proj_class_odd": (
+            dict(addition_embed_type="text", encoder_hid_dim=6, addition_embed_type_num_heads=2,
+                 class_embed_type="projection", projection_class_embeddings_input_dim=5,
+                 only_cross_attention=(True, False), mid_block_only_cross_attention=False),
+            dict(encoder_hidden_states=r(b, 5, 6), class_labels=r(b, 5)), (7, 9)),
+        # text_image added embedding + text_image_proj, simple_projection class, no mid block, relu, eps, padding 0
+        "text_image": (
+            dict(encoder_hid_dim_type="text_image_proj", encoder_hid_dim=6, addition_embed_type="text_image",
+                 class_embed_type="simple_projection", projection_class_embeddings_input_dim=5, mid_block_type=None,
+                 act_fn="relu", norm_eps=1e-3, downsample_padding=0),
+            dict(encoder_hidden_states=r(b, 5, 6), class_labels=r(b, 5),
+                 added_cond_kwargs={"image_embeds": r(b, 8), "text_embeds": r(b, 8)}), (8, 8)),
+        # image added embedding + image_proj, identity class, time_embedding_dim, plain mid block with scale
+        "image_proj_identity": (
+            dict(encoder_hid_dim_type="image_proj", encoder_hid_dim=6, addition_embed_type="image",
+                 class_embed_type="identity", time_embedding_dim=24, mid_block_type="UNetMidBlock2D",
+                 mid_block_scale_factor=0.7),
+            dict(encoder_hidden_states=r(b, 5, 8), class_labels=r(b, 24),
+                 added_cond_kwargs={"image_embeds": r(b, 6)}), (8, 8)),
+        # UnCLIP blocks cross-only, resnet_out_scale_factor, post/time-embedding activations
+        "unclip_variants": (
+            {**CONFIGS["unclip"], "resnet_out_scale_factor": 2.0, "only_cross_attention": True,
+             "mid_block_only_cross_attention": False, "class_embed_type": None, "timestep_post_act": "silu",
+             "time_embedding_act_fn": "silu"},
+            dict(encoder_hidden_states=r(b, 5, 8)), (8, 8)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_extra_cases()))
+def test_flax_matches_torch_embedding_variants(name):
+    from tests.cases import randomize_
+    from compiled_unet import UNet2DConditionModel
+    extra, kw, hw = _extra_cases()[name]
+    cfg = {**BASE, **extra}
+    tm = randomize_(UNet2DConditionModel(**cfg), 0).eval()
+    sample, t = torch.randn(2, 4, *hw, generator=torch.Generator().manual_seed(4)), torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        ref = tm(sample, t, **kw).sample.numpy()
+    params = params_from_torch(tm.state_dict(), tm.config)
+    out = _run_flax(FlaxUNet2DConditionModel(**cfg), params, sample, t, **_j(kw))
+    assert _rel_l2(out, ref) <= REL_L2, f"{name}: rel L2 {_rel_l2(out, ref):.2e} > {REL_L2}"
+
+
 def test_controlnet_residuals_masks_and_memory_efficient_split_heads(monkeypatch):
     """SD family with ControlNet residuals (NHWC, as diffusers' Flax ControlNet gives them), an encoder
     attention mask, and use_memory_efficient_attention + split_head_dim with query chunks forced small
