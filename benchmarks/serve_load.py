@@ -132,7 +132,8 @@ def summarize(requests, served: dict, direct: dict, rows_of: dict) -> dict:
     calls = {}
     for outs in answers.values():
         info = outs[0]["info"]
-        calls[(info["replica"], tuple(info["batch_ids"]))] = (info["bucket_batch"], info["rows"], len(info["batch_ids"]))
+        call = (info["replica"], tuple(info["batch_ids"]))     # one server call, whichever answer reports it
+        calls[call] = (info["bucket_batch"], info["rows"], len(info["batch_ids"]))
     formed = collections.Counter(calls.values())
     total_rows = sum(rows_of.values())
     lat_s, lat_d = list(served["latencies"].values()), list(direct["latencies"].values())
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
         deployment.shutdown()
     rec = summarize(requests, served, direct, rows_of)
     rec.update(machine=machine_line(), artifact=artifact, buckets=batcher.describe_buckets(), replicas=args.replicas,
-               concurrency=args.concurrency, serve_startup_s=startup, direct_threads=args.direct_threads, batch_wait_ms=args.batch_wait_ms,
+               concurrency=args.concurrency, serve_startup_s=startup, direct_threads=args.direct_threads,
+               batch_wait_ms=args.batch_wait_ms,
                date=time.strftime("%Y-%m-%d"))
     print(json.dumps(rec, indent=1, default=str))
     if args.json:

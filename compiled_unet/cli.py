@@ -302,9 +302,14 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise UserError(f"serve needs Ray Serve: pip install 'compiled_unet[serve]' ({e})")
     deployment.run_local(args.artifact, replicas=args.replicas, port=args.port, host=args.host, address=args.address,
-                         num_cpus=args.num_cpus, batch_wait_timeout_s=args.batch_wait_ms / 1e3)
+                         num_cpus=args.num_cpus, batch_wait_timeout_s=args.batch_wait_ms / 1e3,
+                         torch_threads=args.threads,
+                         num_cpus_per_replica=0.5 if args.threads <= 1 else float(args.threads))
     print(f"serving {args.artifact} with {args.replicas} replica(s) on http://{args.host}:{args.port}/ "
           f"(POST safetensors bytes; see compiled_unet/serving/wire.py). Ctrl-C stops.", flush=True)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops it as Ctrl-C does: Serve and Ray shut down
     try:
         while True:
             time.sleep(3600)
@@ -391,7 +396,7 @@ def main(argv=None) -> int:
                       help="time every node of both graphs (eager CPU/CUDA run, node by node) for the overlays")
     insp.add_argument("--profile-repeats", type=int, default=3, help="runs per graph for --profile (median)")
     insp.set_defaults(fn=cmd_inspect)
-    serve = sub.add_parser("serve", help="serve an artifact on Ray Serve replicas (HTTP + Ray handles), batching requests")
+    serve = sub.add_parser("serve", help="serve an artifact on Ray Serve replicas (HTTP + Ray handles), batched")
     serve.add_argument("artifact", help="a .pt2 or a bucket folder from `compile`")
     serve.add_argument("--replicas", type=int, default=2)
     serve.add_argument("--port", type=int, default=8000)
@@ -400,6 +405,8 @@ def main(argv=None) -> int:
                        "starting Ray here")
     serve.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use when started here")
     serve.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a replica waits to fill a batch")
+    serve.add_argument("--threads", type=int, default=1, help="torch threads per replica (default 1: 2 replicas "
+                       "on 2 cores)")
     serve.set_defaults(fn=cmd_serve)
     sub.add_parser("bench", add_help=False, help="side-by-side benchmark vs diffusers (+ torch.compile); "
                    "see `compiled-unet bench --help`")

@@ -126,7 +126,7 @@ class Batcher:
         return max(b.batch for b in self.buckets)
 
     def describe_buckets(self) -> list[str]:
-        return [f"batch {b.batch}: " + ", ".join(f"{n}: [B, {', '.join(map(str, s))}] {d}" if s[:1] != ("shared",)
+        return [f"batch {b.batch}: " + ", ".join(f"{n}: [{', '.join(['B', *map(str, s)])}] {d}" if s[:1] != ("shared",)
                                                  else f"{n}: {list(s[1:])} {d} (shared)" for n, s, d in b.key)
                 for b in self.buckets]
 

@@ -6,7 +6,10 @@
     # or HTTP: POST http://127.0.0.1:8000/ with safetensors bytes (compiled_unet.serving.wire)
 
 Ray is imported here only (an optional extra: `pip install compiled_unet[serve]`). Replicas on several
-machines are Ray's business: give `address=` (or RAY_ADDRESS) of a running Ray cluster, nothing else changes.
+machines are Ray's business: give `address=` (or RAY_ADDRESS) of a running Ray cluster, nothing else changes
+(the artifact path must then be readable on every node, e.g. a shared filesystem). `num_cpus_per_replica`
+(Ray's accounting) and `torch_threads` default to a 2-core machine with 2 replicas: raise both on
+bigger machines.
 """
 from __future__ import annotations
 
@@ -80,15 +83,16 @@ class UNetServer:
         return Response(body, media_type="application/octet-stream")
 
 
-def app(artifact: str, *, replicas: int = 2, batch_wait_timeout_s: float = 0.01, num_cpus: float = 0.5,
-        torch_threads: int | None = 1, max_ongoing_requests: int = 16):
+def app(artifact: str, *, replicas: int = 2, batch_wait_timeout_s: float = 0.01,
+        num_cpus_per_replica: float = 0.5, torch_threads: int | None = 1, max_ongoing_requests: int = 16):
     """The Serve application for `artifact` (a .pt2 or a bucket folder): `serve.run(app(...))`."""
     if not os.path.exists(artifact):
         raise FileNotFoundError(f"no compiled UNet at {artifact!r} (a .pt2 or a bucket folder from compiled_unet.save)")
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
     deployment = serve.deployment(UNetServer, name="UNetServer").options(
-        num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus}, max_ongoing_requests=max_ongoing_requests)
+        num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus_per_replica},
+        max_ongoing_requests=max_ongoing_requests)
     return deployment.bind(os.path.abspath(artifact), batch_wait_timeout_s, torch_threads)
 
 
