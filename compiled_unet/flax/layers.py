@@ -6,7 +6,6 @@ as PyTorch computes it) instead of `flax.linen.GroupNorm`, whose one-pass varian
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -351,8 +350,23 @@ class Attention(nn.Module):
         return out.reshape(residual.shape) + residual
 
 
+class GEGLU(nn.Module):
+    """proj -> split -> x * GELU(gate); exact GELU unless `approximate` (diffusers' Flax used tanh)."""
+
+    features: int
+    approximate: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = dense(self.features * 2, "proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        x, gate = jnp.split(x, 2, axis=-1)
+        return x * jax.nn.gelu(gate, approximate=self.approximate)
+
+
 class FeedForward(nn.Module):
-    """GEGLU feed-forward: net_0 (GEGLU: proj) -> dropout -> net_2, as diffusers names them."""
+    """GEGLU feed-forward: net_0 (GEGLU) -> dropout -> net_2, as diffusers names them."""
 
     dim: int
     dropout: float = 0.0
@@ -363,20 +377,9 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        inner = self.dim * 4
-        proj = _Named(name="net_0")
-        x, gate = jnp.split(proj(x, inner * 2, kw), 2, axis=-1)
-        x = x * jax.nn.gelu(gate, approximate=self.gelu_approximate)
+        x = GEGLU(self.dim * 4, self.gelu_approximate, name="net_0", **kw)(x)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
         return dense(self.dim, "net_2", **kw)(x)
-
-
-class _Named(nn.Module):
-    """A scope holding one Dense called `proj` (diffusers' GEGLU module `net_0`)."""
-
-    @nn.compact
-    def __call__(self, x, features, kw):
-        return dense(features, "proj", **kw)(x)
 
 
 class BasicTransformerBlock(nn.Module):

@@ -277,3 +277,19 @@ def test_flax_checkpoint_with_wrong_tree_is_named(tmp_path):
     params["conv_in"]["kernel_typo"] = params["conv_in"].pop("kernel")
     with pytest.raises(ValueError, match="conv_in/kernel"):
         model.save_pretrained(tmp_path / "bad", params)
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_geglu_gelu_choice(approximate):
+    """Exact (erf) GELU by default, as PyTorch's; tanh GELU (diffusers 0.39 Flax's) with gelu_approximate=True.
+    Oracle: torch's F.gelu with approximate="none"/"tanh" on the same numbers; float32, rel L2 <= 1e-6."""
+    layer = flax_layers.GEGLU(3, approximate)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 5)) * 3
+    params = layer.init(jax.random.PRNGKey(1), x)
+    out = layer.apply(params, x)
+    h = np.asarray(x) @ np.asarray(params["params"]["proj"]["kernel"]) + np.asarray(params["params"]["proj"]["bias"])
+    a, gate = torch.from_numpy(h).chunk(2, dim=-1)
+    ref = (a * torch.nn.functional.gelu(gate, approximate="tanh" if approximate else "none")).numpy()
+    assert _rel_l2(out, ref) <= 1e-6
+    other = (a * torch.nn.functional.gelu(gate, approximate="none" if approximate else "tanh")).numpy()
+    assert _rel_l2(out, other) > 1e-5  # the two choices are distinguishable at this scale
