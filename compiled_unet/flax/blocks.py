@@ -35,6 +35,7 @@ class Options:
     memory_efficient: bool = False
     split_head_dim: bool = False
     gelu_approximate: bool = False
+    transformer_norm_eps: float = 1e-6
 
     @property
     def kw(self) -> dict:
@@ -66,7 +67,7 @@ def _transformer(a: BlockArgs, o: Options, channels: int, layers: int, name: str
     return Transformer2DModel(
         a.num_attention_heads, channels // a.num_attention_heads, channels, layers, a.resnet_groups,
         a.cross_attention_dim, a.use_linear_projection, only, a.dropout, o.gelu_approximate, o.memory_efficient,
-        o.split_head_dim, name=name, **o.kw)
+        o.split_head_dim, norm_eps=o.transformer_norm_eps, name=name, **o.kw)
 
 
 def _spatial_attention(a: BlockArgs, o: Options, channels: int, name: str) -> Attention:

@@ -26,7 +26,7 @@ from .convert import check_params, params_from_torch, params_to_torch
 FLAX_WEIGHTS_STEM = "diffusion_flax_model"
 FLAX_CLASS_NAME = "FlaxUNet2DConditionModel"
 # Flax-only fields diffusers 0.39 writes into config.json (it never writes dtype); we also accept ours.
-_FLAX_CONFIG_KEYS = ("use_memory_efficient_attention", "split_head_dim", "gelu_approximate")
+_FLAX_CONFIG_KEYS = ("use_memory_efficient_attention", "split_head_dim", "gelu_approximate", "transformer_norm_eps")
 
 
 def _flax_weights_name(variant: Optional[str]) -> str:
@@ -83,7 +83,8 @@ def _config_text(model, class_name: str, version: str) -> str:
     cfg = model.config.to_dict()
     if class_name == FLAX_CLASS_NAME:
         cfg.update(use_memory_efficient_attention=model.use_memory_efficient_attention,
-                   split_head_dim=model.split_head_dim, gelu_approximate=model.gelu_approximate)
+                   split_head_dim=model.split_head_dim, gelu_approximate=model.gelu_approximate,
+                   transformer_norm_eps=model.transformer_norm_eps)
     cfg["_class_name"] = class_name
     cfg["_diffusers_version"] = version
     return json.dumps(ckpt._to_json_value(cfg), indent=2, sort_keys=True) + "\n"

@@ -428,6 +428,8 @@ class Transformer2DModel(nn.Module):
     gelu_approximate: bool = False
     memory_efficient: bool = False
     split_head_dim: bool = False
+    # PyTorch's Transformer2DModel normalizes with eps 1e-6; diffusers' Flax model used 1e-5.
+    norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -438,7 +440,7 @@ class Transformer2DModel(nn.Module):
         inner = self.heads * self.dim_head
         b, h, w, c = x.shape
         residual = x
-        x = GroupNorm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)
+        x = GroupNorm(self.norm_num_groups, self.norm_eps, name="norm", **kw)(x)
         if self.use_linear_projection:
             x = dense(inner, "proj_in", **kw)(x.reshape(b, h * w, c))
         else:

@@ -1,7 +1,9 @@
 """`FlaxUNet2DConditionModel`: the JAX/Flax twin of our PyTorch `UNet2DConditionModel`.
 
 A `flax.linen.Module` whose fields are `UNetConfig`'s (same names and defaults) plus the Flax-only
-choices (`dtype`, `param_dtype`, `use_memory_efficient_attention`, `split_head_dim`, `gelu_approximate`).
+choices (`dtype`, `param_dtype`, `use_memory_efficient_attention`, `split_head_dim`, `gelu_approximate`,
+`transformer_norm_eps`: with `gelu_approximate=True` and `transformer_norm_eps=1e-5` the arithmetic is diffusers'
+Flax model's, for checkpoints trained with it; the defaults are the PyTorch model's).
 The config is validated once at construction by `UNetConfig`; what the Flax port does not cover raises
 a ValueError naming the argument. Inside, tensors are channels-last (NHWC); `sample` in and out is NCHW
 as in diffusers' Flax model, and ControlNet residuals are NHWC, as diffusers' `FlaxControlNetModel` emits them.
@@ -26,7 +28,8 @@ from .embeddings import (Embed, GaussianFourierProjection, ImageHintTimeEmbeddin
 from .layers import GroupNorm, activation, conv, dense
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(UNetConfig))
-FLAX_FIELDS = ("dtype", "param_dtype", "use_memory_efficient_attention", "split_head_dim", "gelu_approximate")
+FLAX_FIELDS = ("dtype", "param_dtype", "use_memory_efficient_attention", "split_head_dim", "gelu_approximate",
+               "transformer_norm_eps")
 
 
 @flax.struct.dataclass
@@ -100,7 +103,7 @@ class _UNet:
 
     def _opts(self) -> Options:
         return Options(self.dtype, self.param_dtype, self.use_memory_efficient_attention, self.split_head_dim,
-                       self.gelu_approximate)
+                       self.gelu_approximate, self.transformer_norm_eps)
 
     def dummy_inputs(self, batch: int = 1, height: int = 8, width: int = 8, seq: int = 1) -> dict:
         """Smallest valid inputs for this config (used by init_weights)."""
@@ -444,7 +447,7 @@ def _make_class():
         defaults[f.name] = f.default
     for name, default in (("dtype", jnp.float32), ("param_dtype", jnp.float32),
                           ("use_memory_efficient_attention", False), ("split_head_dim", False),
-                          ("gelu_approximate", False)):
+                          ("gelu_approximate", False), ("transformer_norm_eps", 1e-6)):
         annotations[name] = Any
         defaults[name] = default
     namespace = {k: v for k, v in vars(_UNet).items() if k not in ("__dict__", "__weakref__")}
