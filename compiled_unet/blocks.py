@@ -51,6 +51,18 @@ class BlockArgs:
     output_scale_factor: float = 1.0  # mid blocks: mid_block_scale_factor
 
 
+def shared_block_args(c, p) -> dict:
+    """The BlockArgs fields every block of a UNet shares, from its UNetConfig `c` and plan `p` (`c.plan()`);
+    the PyTorch UNet and the Flax one (compiled_unet/flax) both build their blocks from these."""
+    return dict(temb_channels=p.blocks_time_embed_dim, resnet_eps=c.norm_eps, resnet_act_fn=c.act_fn,
+                resnet_groups=c.norm_num_groups, downsample_padding=c.downsample_padding,
+                dual_cross_attention=c.dual_cross_attention, use_linear_projection=c.use_linear_projection,
+                upcast_attention=c.upcast_attention, resnet_time_scale_shift=c.resnet_time_scale_shift,
+                attention_type=c.attention_type, resnet_skip_time_act=c.resnet_skip_time_act,
+                resnet_out_scale_factor=c.resnet_out_scale_factor,
+                cross_attention_norm=c.cross_attention_norm, dropout=c.dropout)
+
+
 def _resnet(a: BlockArgs, cin: int, cout: int, **kw) -> ResnetBlock2D:
     kw.setdefault("groups", a.resnet_groups)
     kw.setdefault("output_scale_factor", 1.0)

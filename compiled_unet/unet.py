@@ -16,7 +16,7 @@ from torch import nn
 
 from . import checks
 from .attention import Attention
-from .blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, BlockArgs, Conditioning
+from .blocks import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, BlockArgs, Conditioning, shared_block_args
 from .config import UNetConfig, _strip_unet_res
 from .embeddings import (GaussianFourierProjection, GLIGENTextBoundingboxProjection, ImageHintTimeEmbedding,
                          ImageProjection, ImageTimeEmbedding, TextImageProjection, TextImageTimeEmbedding,
@@ -64,13 +64,7 @@ class UNet2DConditionModel(nn.Module):
         self._add_embedding(c, p)
         self.time_embed_act = get_activation(c.time_embedding_act_fn) if c.time_embedding_act_fn else None
 
-        common = dict(temb_channels=p.blocks_time_embed_dim, resnet_eps=c.norm_eps, resnet_act_fn=c.act_fn,
-                      resnet_groups=c.norm_num_groups, downsample_padding=c.downsample_padding,
-                      dual_cross_attention=c.dual_cross_attention, use_linear_projection=c.use_linear_projection,
-                      upcast_attention=c.upcast_attention, resnet_time_scale_shift=c.resnet_time_scale_shift,
-                      attention_type=c.attention_type, resnet_skip_time_act=c.resnet_skip_time_act,
-                      resnet_out_scale_factor=c.resnet_out_scale_factor,
-                      cross_attention_norm=c.cross_attention_norm, dropout=c.dropout)
+        common = shared_block_args(c, p)
         self.down_blocks = nn.ModuleList()
         self.up_blocks = nn.ModuleList()  # registered before mid_block: diffusers' state_dict key order
         output_channel = c.block_out_channels[0]

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..blocks import BlockArgs
+from ..blocks import BlockArgs, shared_block_args
 from ..config import UNetConfig, _strip_unet_res
 from .blocks import SUPPORTED_DOWN, SUPPORTED_MID, SUPPORTED_UP, Ctx, DownBlock, MidBlock, Options, UpBlock
 from .embeddings import (Embed, GaussianFourierProjection, ImageHintTimeEmbedding, ImageProjection,
@@ -279,13 +279,7 @@ class _UNet:
         """BlockArgs per down block, the mid block and per up block: what our PyTorch UNet derives."""
         c, p = self.config, self.config.plan()
         n = len(c.down_block_types)
-        common = dict(temb_channels=p.blocks_time_embed_dim, resnet_eps=c.norm_eps, resnet_act_fn=c.act_fn,
-                      resnet_groups=c.norm_num_groups, downsample_padding=c.downsample_padding,
-                      dual_cross_attention=c.dual_cross_attention, use_linear_projection=c.use_linear_projection,
-                      upcast_attention=c.upcast_attention, resnet_time_scale_shift=c.resnet_time_scale_shift,
-                      attention_type=c.attention_type, resnet_skip_time_act=c.resnet_skip_time_act,
-                      resnet_out_scale_factor=c.resnet_out_scale_factor,
-                      cross_attention_norm=c.cross_attention_norm, dropout=c.dropout)
+        common = shared_block_args(c, p)
         down, out_ch = [], c.block_out_channels[0]
         for i in range(n):
             in_ch, out_ch = out_ch, c.block_out_channels[i]
