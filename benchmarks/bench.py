@@ -158,6 +158,7 @@ def probe_main(args) -> int:
     """Subprocess side of --compile-times probe: build one variant (or load an AOT package), print times."""
     import torch
 
+    from .measure import PeakRss, rss_bytes
     from .variants import DTYPES, build, build_case
 
     device = torch.device(args.device)
@@ -171,18 +172,45 @@ def probe_main(args) -> int:
         load_s = time.perf_counter() - t0
         with torch.no_grad():
             loaded(sample.to(device), t.to(device), **kw, return_dict=False)
-        rec = {"load_s": load_s, "load_and_first_call_s": time.perf_counter() - t0}
+        rec = {"load_s": load_s, "load_and_first_call_s": time.perf_counter() - t0,
+               "rss_after_load_and_call": rss_bytes(), "package_bytes": os.path.getsize(args.probe_load)}
     else:
+        # Only the model this variant compiles stays alive, so that the RSS before compiling is one model's.
+        diffusers_model = not args.no_diffusers and args.probe in ("diffusers-compile", "torch-compile")
         case = build_case(args.preset, args.size, args.batch, device, DTYPES[args.dtype],
-                          use_diffusers=not args.no_diffusers, reference=False, log=lambda m: None)
-        b = build(args.probe, case, json.loads(args.ours_options) if args.ours_options else None, args.recipe_mode)
-        rec = {"first_call_s": b.first_call_s}
+                          use_diffusers=diffusers_model, reference=False, log=lambda m: None)
+        if diffusers_model and case.base is not case.ours:
+            case.ours = None
+        import gc
+
+        gc.collect()
+        model = case.base if diffusers_model else case.ours
+        weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        with PeakRss() as rss:
+            b = build(args.probe, case, json.loads(args.ours_options) if args.ours_options else None, args.recipe_mode)
+        rec = {"first_call_s": b.first_call_s, "weight_bytes": weight_bytes, "rss_before_compile": rss.before,
+               "rss_peak_compile": rss.peak}
         if args.probe_save and b.name == "ours-aot":
             import compiled_unet
 
             compiled_unet.save(b.keep, args.probe_save)
     print(PROBE_TAG + json.dumps(rec), flush=True)
     return 0
+
+
+RESULTS_HEADER_V2 = """
+## Round 2: peak, compile time, compile memory (issue 14)
+
+One row per run of `python -m benchmarks.bench` since issue 14 (appended by the tool). Medians of interleaved
+rounds in one process; "peak" = the better of a 2048² sgemm and a packed 640-channel 3x3 conv measured in the
+same run (benchmarks/measure.py `measured_peak`); % of peak = counted FLOPs (FlopCounterMode, one eager
+forward) / median time / peak. Compile times from fresh processes: cold = empty Inductor cache, warm = the
+cache the cold one filled. Compile memory = (weights + RSS added while compiling) / weights, the model
+counted once (raw process RSS peak / weights in the JSON record). Machine: CPU, torch's ISA, cpuinfo flags.
+
+| date | machine | case | eager ms | recipe ms | ours ms | vs eager | vs recipe | peak GFLOP/s (mm / conv) | % of peak: recipe / ours | rel L2 | cold s: recipe / ours (ratio) | warm s: recipe / ours (ours warm/cold) | compile memory x weights: recipe / ours | record |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+"""
 
 
 def _fmt(v, spec: str, none: str = "-") -> str:
@@ -196,7 +224,7 @@ def _ratio(v) -> str:
 def table(record: dict) -> str:
     lines = [f"{record['case']['describe']} | baseline: {record['baseline']} | {record['machine_line']}",
              f"{'variant':18s} {'median ms':>10s} {'min-max ms':>17s} {'vs eager':>8s} {'vs recipe':>9s} "
-             f"{'cold s':>7s} {'warm s':>7s} {'first s':>7s} {'peak MB':>8s} {'rel L2':>8s}"]
+             f"{'cold s':>7s} {'warm s':>7s} {'first s':>7s} {'peak MB':>8s} {'rel L2':>8s} {'%peak':>6s} {'mem x':>6s}"]
     for v in record["variants"]:
         if v.get("error"):
             lines.append(f"{v['name']:18s} FAILED: {v['error'][:100]}")
@@ -206,7 +234,11 @@ def table(record: dict) -> str:
             f"{_ratio(v['speedup_vs_eager']):>8s} {_ratio(v['speedup_vs_recipe']):>9s} "
             f"{_fmt(v['compile_cold_s'], '7.1f'):>7s} {_fmt(v['compile_warm_s'], '7.1f'):>7s} "
             f"{_fmt(v['first_call_s'], '7.1f'):>7s} {_fmt(v['peak_forward_bytes'] and v['peak_forward_bytes'] / 2**20, '8.1f'):>8s} "
-            f"{_fmt(v['rel_l2_err'], '8.1e'):>8s}")
+            f"{_fmt(v['rel_l2_err'], '8.1e'):>8s} {_fmt(v.get('percent_of_peak'), '5.1f'):>6s} "
+            f"{_fmt((v.get('compile_memory') or {}).get('peak_x_weights'), '6.2f'):>6s}")
+    if record.get("peak"):
+        lines.append(f"peak {record['peak']['gflops']:.0f} GFLOP/s ({record['peak']['method']}); one forward "
+                     f"{record['flops'] / 1e9:.1f} GFLOP; mem x = compile peak host memory / weights (model counted once)")
     lines.append(f"speed-up = role ms / variant ms (eager: {record['roles'].get('a')}, recipe: {record['roles'].get('b')}); "
                  f"rel L2 vs {record['error_reference']}; peak MB: {record['memory_method']}")
     return "\n".join(lines)
@@ -228,6 +260,39 @@ def _results_row(record: dict, json_path: str) -> str:
              f"{ms(best)} ({best['name']})" if best else "-",
              _ratio(best and best["speedup_vs_eager"]), _ratio(best and best["speedup_vs_recipe"]),
              _fmt(best and best["rel_l2_err"], ".1e"), cold, os.path.relpath(json_path, os.path.dirname(record["_md"]))]
+    return "| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |"
+
+
+def _results_row_v2(record: dict, json_path: str) -> str:
+    by = {v["name"]: v for v in record["variants"] if not v.get("error")}
+    roles = record["roles"]
+    a, b = by.get(roles.get("a") or ""), by.get(roles.get("b") or "")
+    ours = [v for v in by.values() if v["role"] == "d"]
+    best = min(ours, key=lambda v: v["median_ms"]) if ours else None
+    peak = record.get("peak") or {}
+
+    def ms(v):
+        return f"{v['median_ms']:.1f}" if v else "-"
+
+    def pct(v):
+        return _fmt(v and v.get("percent_of_peak"), ".0f") + ("%" if v and v.get("percent_of_peak") else "")
+
+    def mem(v):
+        m = v and v.get("compile_memory")
+        return _fmt(m and m["peak_x_weights"], ".2f")
+
+    cold_ratio = (best["compile_cold_s"] / b["compile_cold_s"] if best and b and best.get("compile_cold_s")
+                  and b.get("compile_cold_s") else None)
+    warm_ratio = (best["compile_warm_s"] / best["compile_cold_s"] if best and best.get("compile_warm_s")
+                  and best.get("compile_cold_s") else None)
+    cells = [record["date"], record["machine_line"], record["case"]["describe"], ms(a), ms(b),
+             f"{ms(best)} ({best['name']})" if best else "-",
+             _ratio(best and best["speedup_vs_eager"]), _ratio(best and best["speedup_vs_recipe"]),
+             f"{_fmt(peak.get('matmul', {}).get('gflops'), '.0f')} / {_fmt(peak.get('conv3x3', {}).get('gflops'), '.0f')}",
+             f"{pct(b)} / {pct(best)}", _fmt(best and best["rel_l2_err"], ".1e"),
+             f"{_fmt(b and b['compile_cold_s'], '.0f')} / {_fmt(best and best['compile_cold_s'], '.0f')} ({_ratio(cold_ratio)})",
+             f"{_fmt(b and b['compile_warm_s'], '.0f')} / {_fmt(best and best['compile_warm_s'], '.0f')} ({_ratio(warm_ratio)})",
+             f"{mem(b)} / {mem(best)}", os.path.relpath(json_path, os.path.dirname(record["_md"]))]
     return "| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |"
 
 
@@ -278,12 +343,19 @@ def main(argv=None) -> int:
                 pkg = os.path.join(scratch, f"{name}.pt2")
                 extra = ["--probe", name] + (["--probe-save", pkg] if name == "ours-aot" else [])
                 log(f"[{name}] cold compile in a fresh process (empty Inductor cache) ...")
-                row["compile_cold_s"] = run_probe(args, extra, cache)["first_call_s"]
+                rec = run_probe(args, extra, cache)
+                row["compile_cold_s"] = rec["first_call_s"]
+                if rec.get("weight_bytes"):
+                    w, before, peak = rec["weight_bytes"], rec["rss_before_compile"], rec["rss_peak_compile"]
+                    # Peak host memory of compiling, counting the model once: weights + what compiling added.
+                    row["compile_memory"] = {"weight_bytes": w, "rss_before": before, "rss_peak": peak,
+                                             "peak_x_weights": (w + peak - before) / w, "rss_peak_x_weights": peak / w}
                 log(f"[{name}] warm compile in a fresh process ...")
                 row["compile_warm_s"] = run_probe(args, extra, cache)["first_call_s"]
                 if name == "ours-aot":
                     rec = run_probe(args, ["--probe-load", pkg], cache)
                     row["load_s"], row["load_and_first_call_s"] = rec["load_s"], rec["load_and_first_call_s"]
+                    row["loaded_rss_bytes"], row["package_bytes"] = rec["rss_after_load_and_call"], rec["package_bytes"]
                     packages[name] = pkg  # this process loads it instead of compiling a third time
             except Exception as e:
                 traceback.print_exc()
@@ -331,11 +403,24 @@ def main(argv=None) -> int:
             rows[name]["rel_l2_err"] = measure.rel_l2(out, case.ref)
             rows[name]["peak_forward_bytes"] = measure.peak_forward_bytes(b.fn, device)
 
+        peak = flops = None
+        if not args.smoke:
+            from .profiling import count_flops
+
+            flops = count_flops(case.ours, lambda: case.ours(case.sample, case.timestep, **case.kwargs,
+                                                             return_dict=False))[0]
+            peak = measure.measured_peak(device, case.dtype)
+            log(f"peak: {peak['gflops']:.0f} GFLOP/s ({peak['method']}); one forward {flops / 1e9:.1f} GFLOP")
         log(f"timing: {args.rounds} interleaved rounds x {len(built)} variants")
         times = measure.time_rounds({n: b.fn for n, b in built.items()}, args.rounds, device, args.inner)
         for name, secs in times.items():
             rows[name].update(measure.summarize(secs), times_ms=[s * 1e3 for s in secs])
 
+        if peak:
+            for name in times:
+                row = rows[name]
+                row["gflops"] = flops / (row["median_ms"] / 1e3) / 1e9
+                row["percent_of_peak"] = 100 * row["gflops"] / peak["gflops"]
         roles = {r: next((n for n, b in built.items() if b.role == r), None) for r in "ab"}
         for row in rows.values():
             for key, role in (("speedup_vs_eager", "a"), ("speedup_vs_recipe", "b")):
@@ -368,7 +453,7 @@ def main(argv=None) -> int:
         "memory_method": measure.MEMORY_METHOD[device_tag],
         "variants": [{**{k: row.get(k) for k in order}, **{k: v for k, v in row.items() if k not in order}}
                      for row in rows.values()],
-        "profile": profile,
+        "profile": profile, "peak": peak, "flops": flops,
     }
     for row in record["variants"]:
         if row.get("role") is None:
@@ -388,7 +473,7 @@ def main(argv=None) -> int:
     log(f"record: {json_path}\nplot:   {png}")
     if not args.no_record:
         record["_md"] = os.path.abspath(args.results_md)
-        append_row_atomic(args.results_md, RESULTS_HEADER, _results_row(record, os.path.abspath(json_path)))
+        append_row_atomic(args.results_md, RESULTS_HEADER_V2, _results_row_v2(record, os.path.abspath(json_path)))
         log(f"row appended to {args.results_md}")
     return 1 if any(v.get("error") for v in record["variants"]) else 0
 

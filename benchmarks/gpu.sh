@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu.sh --dry           # CPU, tiny preset, eager variants, seconds: what CI runs
 #   extra arguments go to every benchmarks.bench call (e.g. --rounds 10)
 #
+# Each record also holds the run's measured peak (bf16 8192² matmul, cuDNN 3x3 conv) and every variant's % of it
+# (counted FLOPs / median time), the CPU flags, and compile times; the summary prints them.
+#
 # Variants: diffusers eager, diffusers + the "diffusion fast" recipe (bf16, SDPA, channels_last, fused QKV,
 # torch.compile max-autotune with CUDA graphs), ours eager, ours via compiled_unet.compile (Inductor,
 # max_autotune + CUDA graphs). Without diffusers on the machine, the baseline is our own eager model and

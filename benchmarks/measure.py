@@ -102,6 +102,94 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "gflops": 2 * n**3 / best / 1e9, "seconds": best}
 
 
+def conv_peak(device: torch.device, dtype: torch.dtype, channels: int = 640, size: int = 32, repeats: int = 5) -> dict:
+    """Best-of GFLOP/s of one 3x3 convolution (channels -> channels, batch 1, size x size, padding 1) on
+    weights packed once: on CPU the oneDNN kernel the compiled UNets call (mkldnn._convolution_pointwise on a
+    weight from mkldnn._reorder_convolution_weight); on CUDA cuDNN."""
+    x = torch.randn(1, channels, size, size, device=device, dtype=dtype)
+    w = torch.randn(channels, channels, 3, 3, device=device, dtype=dtype)
+    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+
+        def conv():
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+    else:
+        def conv():
+            return torch.nn.functional.conv2d(x, w, padding=1)
+    best = math.inf
+    with torch.no_grad():
+        conv()
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            conv()
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+    flops = 2 * channels * channels * 9 * size * size
+    return {"channels": channels, "size": size, "dtype": str(dtype).removeprefix("torch."), "gflops": flops / best / 1e9,
+            "seconds": best}
+
+
+def measured_peak(device: torch.device, dtype: torch.dtype) -> dict:
+    """The machine's practical dense peak in this run: the better of a large matmul and a packed 3x3 conv."""
+    mm, conv = matmul_peak(device, dtype), conv_peak(device, dtype)
+    return {"matmul": mm, "conv3x3": conv, "gflops": max(mm["gflops"], conv["gflops"]),
+            "method": f"best of {mm['n']}^2 mm and a {conv['channels']}ch 3x3 conv at {conv['size']}^2, "
+                      f"best of 5 each, same process, just before the timed rounds"}
+
+
+def cpu_flags() -> dict:
+    """What the CPU offers for dense math: torch's dispatch ISA and the relevant /proc/cpuinfo flags."""
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+              "avx_vnni")
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "unknown")()
+    return {"capability": capability, "flags": [f for f in wanted if f in flags]}
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class PeakRss:
+    """Samples this process's RSS every `interval` s while active: `with PeakRss() as p: ...; p.peak, p.before`.
+    (ru_maxrss is a high-water mark since process start; this isolates one phase.)"""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        self.interval, self.before, self.peak = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __enter__(self):
+        self.before = self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -115,6 +203,7 @@ def _cpu_model() -> str:
 
 def machine(device: torch.device) -> dict:
     info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_isa": cpu_flags(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
     try:
         info["load_avg_1m"] = os.getloadavg()[0]
@@ -140,5 +229,7 @@ def machine(device: torch.device) -> dict:
 
 def describe(info: dict) -> str:
     """One line for RESULTS.md."""
-    where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores, {info['torch_threads']} threads)"
+    isa = info.get("cpu_isa") or {}
+    where = info.get("gpu") or (f"{info['cpu']} ({info['cores']} cores, {info['torch_threads']} threads"
+                                + (f"; {isa['capability']}: {' '.join(isa['flags'])}" if isa else "") + ")")
     return f"{where}; torch {info['torch']}"

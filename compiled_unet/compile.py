@@ -13,6 +13,8 @@ float32 tensor of shape [batch] whatever the example's type, so fractional times
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from typing import Sequence
 
@@ -46,18 +48,26 @@ def _float_timestep(timestep, sample: torch.Tensor) -> torch.Tensor:
 def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None, *,
             backend: str = "inductor", passes: str | Sequence | None = "default",
             options: InductorOptions | None = None, config=None, check_finite: bool = False,
-            progress: bool | CompileProgress | None = None, **forward_kwargs) -> CompiledUNet:
+            progress: bool | CompileProgress | None = None, cache_dir: str | os.PathLike | None = None,
+            **forward_kwargs) -> CompiledUNet:
     """Export `unet` on these example inputs, run the graph passes, compile with `backend`.
 
     unet: `compiled_unet.UNet2DConditionModel`, diffusers' `UNet2DConditionModel`, or an ExportedProgram of
         either (exported with these inputs; pass `config=` to give it a `.config`).
     passes: "default" (`passes.default_passes(device)`: DEFAULT_PASSES, plus CPU_PASSES for Inductor on CPU),
         None (no passes) or a list of pass functions.
-    options: InductorOptions (None: per-device defaults).
+    options: InductorOptions (None: per-device defaults). With `prepack_weights` (the float32 CPU jit default)
+        `passes.prepack_onednn` is appended to the pass list.
     check_finite: every call raises, naming the input, if a floating input holds NaN or inf.
     progress: a status line on stderr (stage, C++ kernels done/total, elapsed): None = when stderr is a
         terminal (and COMPILED_UNET_PROGRESS is not 0), True/False, or a CompileProgress. The stage timings
         are kept as `compiled.compile_stages` either way.
+    cache_dir: Inductor's cache folder while compiling (FX graphs, AOTAutograd entries, C++ kernels), instead of
+        TORCHINDUCTOR_CACHE_DIR. A second compile of the same UNet structure, shapes and options with the same
+        folder is warm (SD1.5 32x32 on CPU: 21 s instead of 120 s; weights are inputs, so other weights hit
+        too). Copied to another machine with the same torch version and CPU ISA, the folder makes the compile
+        there warm as well; anything that differs (torch, ISA, compiler flags) is part of Inductor's keys and
+        simply misses (a cold compile, never a wrong kernel).
     With FreeU enabled on our UNet, its scales become graph inputs: the compiled UNet's `enable_freeu` /
     `disable_freeu` then change them without a recompile.
     """
@@ -73,17 +83,22 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
         raise ValueError(f"sample: expected a 4-D tensor [batch, channels, height, width] as the example input, "
                          f"got {type(sample).__name__ if not torch.is_tensor(sample) else tuple(sample.shape)}")
     forward_kwargs.pop("return_dict", None)
+    if backend == "inductor":
+        options = options.resolve(sample.device, sample.dtype)
     if passes == "default":
         # CPU Inductor adds CPU_PASSES (linear layers as oneDNN 1x1 convolutions); XLA and CUDA do not.
         passes = graph_passes.DEFAULT_PASSES if backend == "xla" else graph_passes.default_passes(sample.device)
     passes = None if passes is None else list(passes)
+    if backend == "inductor" and options.prepack_weights and graph_passes.prepack_onednn not in (passes or []):
+        passes = (passes or []) + [graph_passes.prepack_onednn]  # last: nothing may run on packed weights
 
     if not isinstance(progress, CompileProgress):
         progress = CompileProgress(enabled=progress)
     try:
-        compiled = _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwargs, backend=backend,
-                                   passes=passes, options=options, config=config, check_finite=check_finite,
-                                   progress=progress)
+        with _inductor_cache_dir(cache_dir):
+            compiled = _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwargs,
+                                       backend=backend, passes=passes, options=options, config=config,
+                                       check_finite=check_finite, progress=progress)
     finally:
         progress.close()
     compiled.compile_stages = dict(progress.stages)
@@ -113,14 +128,24 @@ def _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwarg
             from .backends.xla import OpenXlaRunner
 
             runner = OpenXlaRunner(optimized, args, kwargs)
+        elif options.aot:
+            runner = AotRunner.compile(optimized, options, artifact_doc(signature, config_dict, freeu, fused))
         else:
-            resolved = options.resolve(sample.device)
-            if resolved.aot:
-                runner = AotRunner.compile(optimized, resolved, artifact_doc(signature, config_dict, freeu, fused))
-            else:
-                runner = JitRunner(optimized, resolved, args, kwargs)
+            runner = JitRunner(optimized, options, args, kwargs)
     return CompiledUNet(runner, signature, config_dict, exported=exported, optimized=optimized, passes=passes,
                         report=report, freeu=freeu, fused_qkv=fused, check_finite=check_finite)
+
+def _inductor_cache_dir(folder):
+    """Inductor's cache in `folder` while compiling (torch's own context manager, which also drops the
+    in-memory caches that remember the previous folder's entries); nothing when `folder` is None."""
+    if folder is None:
+        return contextlib.nullcontext()
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    folder = os.path.abspath(os.fspath(folder))
+    os.makedirs(folder, exist_ok=True)
+    return temporary_cache_dir(folder)
+
 
 FREEU_BUFFER = re.compile(r"up_blocks\.(\d+)\.freeu\.([bs])")
 

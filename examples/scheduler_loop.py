@@ -10,7 +10,7 @@ from compiled_unet.presets import build_random, example_inputs
 
 unet = build_random("tiny")
 latents, _, kwargs = example_inputs("tiny", batch=1)
-compiled = compiled_unet.compile(unet, latents, torch.tensor([999.0]), **kwargs)  # jit: freezing + channels_last
+compiled = compiled_unet.compile(unet, latents, torch.tensor([999.0]), **kwargs)  # jit: packed weights + channels_last
 
 scheduler = DDIMScheduler(num_train_timesteps=1000)
 scheduler.set_timesteps(10)

@@ -56,7 +56,7 @@ def test_bench_smoke(tmp_path):
         assert v["peak_forward_bytes"] > 0
     by = {v["name"]: v for v in rec["variants"]}
     assert by["ours-eager"]["rel_l2_err"] <= 1e-5 and by["ours-inductor"]["rel_l2_err"] <= 1e-4
-    assert by["ours-inductor"]["first_call_s"] > 0 and by["ours-inductor"]["options"]["freezing"] is True
+    assert by["ours-inductor"]["first_call_s"] > 0 and by["ours-inductor"]["options"]["prepack_weights"] is True
     assert rec["machine"]["cpu"] and rec["machine"]["torch"]
     w, h = _png_size(out.with_suffix(".png").read_bytes())
     assert w > 100 and h > 100

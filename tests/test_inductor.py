@@ -42,8 +42,22 @@ def test_options_validate():
         InductorOptions(aot=True, cudagraphs=True)
     with pytest.raises(ValueError, match="CUDA"):
         InductorOptions(cudagraphs=True).resolve(torch.device("cpu"))
+    # float32 CPU jit: weights packed by the prepack_onednn pass, not frozen (the compiled graph then holds no
+    # tensor and Inductor's caches apply); other dtypes freeze (the pass packs float32 only).
     cpu = InductorOptions().resolve(torch.device("cpu"))
-    assert cpu.freezing and cpu.channels_last and cpu.config()["freezing"]
+    assert cpu.prepack_weights and not cpu.freezing and cpu.channels_last and not cpu.config()["freezing"]
+    bf16 = InductorOptions().resolve(torch.device("cpu"), torch.bfloat16)
+    assert bf16.freezing and not bf16.prepack_weights
+    frozen = InductorOptions(freezing=True).resolve(torch.device("cpu"))
+    assert frozen.freezing and not frozen.prepack_weights
+    swappable = InductorOptions(prepack_weights=False).resolve(torch.device("cpu"))
+    assert not swappable.freezing and not swappable.prepack_weights and swappable.swap_refusal_reason() is None
+    with pytest.raises(ValueError, match="choose one"):
+        InductorOptions(freezing=True, prepack_weights=True)
+    with pytest.raises(ValueError, match="jit-only"):
+        InductorOptions(aot=True, prepack_weights=True)
+    with pytest.raises(ValueError, match="float32"):
+        InductorOptions(prepack_weights=True).resolve(torch.device("cpu"), torch.bfloat16)
     aot = InductorOptions(aot=True).resolve(torch.device("cpu"))
     assert aot.freezing and "aot_inductor.use_runtime_constant_folding" not in aot.config()  # CPU packages prepack
     unfrozen = InductorOptions(aot=True, freezing=False).resolve(torch.device("cpu"))
@@ -246,11 +260,14 @@ def test_weight_swap_with_model_state_dict_in_process(tiny_model, swappable_aot)
 
 
 def test_frozen_graphs_refuse_weight_swap(tiny_model, compiled_buckets, compiled_jit, bundle_dir):
-    """Frozen graphs (the CPU default, jit and AOT) hold their weights as prepacked constants under internal
-    names: swap_weights and derive_weights say so instead of loading a part of the weights silently."""
+    """Frozen packages (the CPU AOT default) hold their weights as prepacked constants under internal names,
+    and the CPU jit default runs on weights packed by the prepack_onednn pass: swap_weights and derive_weights
+    say so, naming the option that allows swapping, instead of loading a part of the weights silently."""
     state = build("sd", seed=8).state_dict()
     loaded = compiled_unet.load(os.path.join(bundle_dir, "bucket_1.pt2"))
-    for frozen in (compiled_jit, compiled_buckets.buckets[1], loaded, compiled_buckets):
+    with pytest.raises(RuntimeError, match=r"prepack_weights=False"):
+        compiled_jit.swap_weights(state)
+    for frozen in (compiled_buckets.buckets[1], loaded, compiled_buckets):
         with pytest.raises(RuntimeError, match="frozen"):
             frozen.swap_weights(state)
     with pytest.raises(RuntimeError, match="frozen"):

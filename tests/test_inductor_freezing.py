@@ -27,8 +27,10 @@ def test_jit_cpu_freezing_prepacks_weights():
     model = ConvLinear().eval()
     x = torch.randn(1, 8, 8, 8)
     ep = torch.export.export(model, (x,))
-    options = InductorOptions().resolve(torch.device("cpu"))
-    assert options.freezing and options.channels_last
+    # Freezing is an option of the jit runtime (the float32 CPU jit default packs in the graph instead:
+    # tests/passes/test_passes_prepack.py, tests/test_compile_cache.py).
+    options = InductorOptions(freezing=True).resolve(torch.device("cpu"))
+    assert options.freezing and options.channels_last and not options.prepack_weights
     runner, codes = run_and_get_code(lambda: JitRunner(ep, options, (x,), {}))
     code = "\n".join(codes)
     assert "_convolution_pointwise" in code, "conv was not prepacked (freezing not applied)"

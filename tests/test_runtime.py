@@ -244,10 +244,11 @@ def _freeu_model_and_compiled():
 
 @pytestmark_slow
 def test_freeu_changes_on_the_compiled_graph_without_recompile():
-    """Compiled with FreeU (frozen, the CPU default): the scales are graph inputs, so enable_freeu/disable_freeu
-    on the compiled UNet match eager with the same scales, with no new compiled code."""
+    """Compiled with FreeU (CPU defaults: weights packed in the graph, constant folding by our passes): the
+    scales are graph inputs, so enable_freeu/disable_freeu on the compiled UNet match eager with the same
+    scales, with no new compiled code."""
     model, (sample, timestep), kwargs, compiled = _freeu_model_and_compiled()
-    assert compiled.options.freezing
+    assert compiled.options.prepack_weights
     assert_close_to_eager(compiled(sample, timestep, **kwargs).sample, _eager(model, sample, timestep, **kwargs))
     files = inductor_cache_files()
     for scales in (dict(s1=1.0, s2=0.5, b1=1.1, b2=1.0), dict(s1=0.6, s2=0.9, b1=1.5, b2=1.3)):

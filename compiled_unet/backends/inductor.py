@@ -11,6 +11,7 @@ AOTInductor metadata, so a loaded package validates inputs and swapped weights w
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,14 +30,19 @@ from ..errors import DamagedArtifact
 FORMAT = "compiled_unet.inductor-aot/1"
 META_KEY = "compiled_unet"          # the AOTInductor metadata entry holding the artifact document (JSON)
 
-# The per-device defaults: the ONLY place they live. Freezing is what makes CPU fast (weights prepacked into
-# oneDNN kernels: SD1.5 32x32 AOT package 1.9 s -> 0.5 s per step), so CPU packages are frozen too; a frozen
-# package's weights are constants under internal names, so `swap_weights` needs `freezing=False`.
+# The per-device defaults: the ONLY place they live. On CPU, speed comes from convolutions (and linears run as
+# 1x1 convolutions) on weights packed once for oneDNN (SD1.5 32x32 AOT package 1.9 s -> 0.5 s per step).
+# Two ways to get there: Inductor's freezing (weights become constants of the compiled code), or the
+# prepack_onednn graph pass (`prepack_weights`; weights stay inputs of the compiled graph). The jit default is
+# the pass: same speed, and the compiled graph then holds no tensor, so Inductor's FX graph and AOTAutograd
+# caches serve a second process (SD1.5 32x32: 21 s instead of 120 s; freezing bypasses both caches).
+# Packages stay frozen (AOTInductor renames the lifted packed constants). Freezing and packing both make
+# weights unswappable: `swap_weights` needs freezing=False and prepack_weights=False.
 _DEFAULTS = {
-    ("cpu", "jit"): dict(freezing=True, channels_last=True),
-    ("cpu", "aot"): dict(freezing=True, channels_last=False),
-    ("cuda", "jit"): dict(freezing=True, channels_last=True),
-    ("cuda", "aot"): dict(freezing=False, channels_last=False),
+    ("cpu", "jit"): dict(freezing=False, channels_last=True, prepack_weights=True),
+    ("cpu", "aot"): dict(freezing=True, channels_last=False, prepack_weights=False),
+    ("cuda", "jit"): dict(freezing=True, channels_last=True, prepack_weights=False),
+    ("cuda", "aot"): dict(freezing=False, channels_last=False, prepack_weights=False),
 }
 
 
@@ -47,6 +53,8 @@ class InductorOptions:
     aot: compile ahead of time into an AOTInductor `.pt2` package (saving is then a copy, weights can be
         swapped without recompiling). False: in-process `torch.compile`; `save` then compiles once more.
     freezing: treat weights as constants (Inductor freezing: constant folding, CPU weight prepacking).
+    prepack_weights: CPU, float32: pack convolution weights for oneDNN in the graph (passes.prepack_onednn,
+        appended to the pass list) instead of freezing; jit only. Default on for float32 CPU jit.
     channels_last: run convolutions in channels_last (sample and conv weights converted; jit only).
     max_autotune: Inductor `max_autotune` (GPU kernel/GEMM autotuning; slow compile).
     cudagraphs: capture the compiled graph in CUDA graphs (jit on CUDA only).
@@ -55,6 +63,7 @@ class InductorOptions:
     aot: bool = False
     freezing: bool | None = None
     channels_last: bool | None = None
+    prepack_weights: bool | None = None
     max_autotune: bool = False
     cudagraphs: bool = False
     inductor_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -63,7 +72,7 @@ class InductorOptions:
         for name in ("aot", "max_autotune", "cudagraphs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"InductorOptions.{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("freezing", "channels_last"):
+        for name in ("freezing", "channels_last", "prepack_weights"):
             if getattr(self, name) not in (None, True, False):
                 raise TypeError(f"InductorOptions.{name} must be a bool or None, got {getattr(self, name)!r}")
         if not isinstance(self.inductor_config, Mapping) or not all(isinstance(k, str) for k in self.inductor_config):
@@ -71,16 +80,34 @@ class InductorOptions:
         if self.aot and self.channels_last:
             raise ValueError("InductorOptions: channels_last is a jit-only option (AOT packages keep the "
                              "exported input layout); leave it None or False with aot=True")
+        if self.aot and self.prepack_weights:
+            raise ValueError("InductorOptions: prepack_weights is a jit-only option (AOT packages pack weights "
+                             "through freezing, the CPU package default); leave it None or False with aot=True")
+        if self.freezing and self.prepack_weights:
+            raise ValueError("InductorOptions: freezing=True and prepack_weights=True both pack the weights; "
+                             "choose one")
         if self.aot and self.cudagraphs:
             raise ValueError("InductorOptions: cudagraphs applies to the jit runtime only (aot=False)")
 
-    def resolve(self, device: torch.device) -> "InductorOptions":
-        """These options with every `None` replaced by the default for `device`; checks device fit."""
+    def resolve(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "InductorOptions":
+        """These options with every `None` replaced by the default for `device` (and the sample's `dtype`:
+        weight packing by the pass is float32-only, so other dtypes default to freezing); checks device fit."""
         kind = "cuda" if device.type == "cuda" else "cpu"
         if self.cudagraphs and kind != "cuda":
             raise ValueError(f"InductorOptions(cudagraphs=True) needs a CUDA device; the inputs are on {device}")
-        defaults = _DEFAULTS[(kind, "aot" if self.aot else "jit")]
+        if self.prepack_weights and (kind != "cpu" or dtype != torch.float32):
+            raise ValueError(f"InductorOptions(prepack_weights=True) packs float32 weights for oneDNN on CPU; the "
+                             f"inputs are {dtype} on {device}")
+        defaults = dict(_DEFAULTS[(kind, "aot" if self.aot else "jit")])
+        if defaults["prepack_weights"] and (dtype != torch.float32 or self.freezing):
+            defaults.update(freezing=True, prepack_weights=False)
+        if self.prepack_weights is False and self.freezing is None:
+            defaults["freezing"] = False  # asked for swappable weights: no freezing either
         return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def swap_refusal_reason(self) -> str | None:
+        """Why a graph compiled with these (resolved) options cannot swap weights; None when it can."""
+        return _frozen_refusal(self)
 
     def config(self) -> dict[str, Any]:
         """The `torch._inductor.config` entries for these (resolved) options."""
@@ -106,9 +133,13 @@ def constant_specs(program: torch.export.ExportedProgram, names) -> dict[str, li
 
 
 def _frozen_refusal(options: InductorOptions) -> str | None:
+    if options.prepack_weights:
+        return ("this compiled UNet runs on weights packed for oneDNN by the prepack_onednn pass "
+                "(InductorOptions(prepack_weights=True), the float32 CPU jit default). Compile with "
+                "InductorOptions(prepack_weights=False) to swap weights without recompiling (slower convolutions)")
     if options.freezing:
-        return ("this compiled UNet is frozen (InductorOptions(freezing=True), the CPU default): its weights are "
-                "constants of the compiled code under internal names. Compile with "
+        return ("this compiled UNet is frozen (InductorOptions(freezing=True)): its weights are "
+                "constants of the compiled code under internal names (the CPU package default). Compile with "
                 "InductorOptions(aot=True, freezing=False) to swap weights without recompiling")
     return None
 
@@ -124,14 +155,23 @@ class JitRunner:
         self.module, self.in_spec, self.out_spec = _flat_module(ep)
         if options.channels_last:
             _to_channels_last(self.module)
+        # Unfrozen: weights become leading inputs of the compiled graph, so that the graph holds no tensor
+        # and Inductor's FX graph cache (keyed by the graph, not by weight values) serves a second process.
+        # Frozen: they stay attributes, which freezing folds into the compiled code.
+        self.weights: dict[str, torch.Tensor] = {} if options.freezing else _lift_weights(self.module)
         args, kwargs = self.prepare(args, kwargs)
-        flat = pytree.tree_flatten((args, kwargs))[0]
+        flat = list(self.weights.values()) + pytree.tree_flatten((args, kwargs))[0]
         t0 = time.perf_counter()
         # Some entries (notably `freezing`, which enables CPU weight prepacking into oneDNN kernels) are read
         # outside compile_fx's own config patch, so they are set while it compiles; freezing needs grad off.
         with torch.no_grad(), torch._inductor.config.patch(options.config()):
-            self.compiled = torch._inductor.compile(self.module, flat, options.config())
+            if options.freezing:  # freezing folds weights with their values: it needs the real tensors
+                self.compiled = torch._inductor.compile(self.module, flat, options.config())
+            else:
+                with _static_fake_inputs(flat) as fake:
+                    self.compiled = torch._inductor.compile(self.module, fake, options.config())
         self.compile_seconds = time.perf_counter() - t0
+        self._weight_list = list(self.weights.values())
 
     def prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.options.channels_last:
@@ -141,12 +181,12 @@ class JitRunner:
     def __call__(self, args: tuple, kwargs: dict):
         flat = pytree.tree_flatten((args, kwargs))[0]
         with torch.no_grad():
-            out = self.compiled(*flat)
+            out = self.compiled(*self._weight_list, *flat)
         return tuple(pytree.tree_unflatten(list(out), self.out_spec))
 
     def constant_specs(self) -> dict[str, list]:
         names = [n for n, _ in self.module.named_parameters()] + [n for n, _ in self.module.named_buffers()]
-        return constant_specs(self.program, names)
+        return constant_specs(self.program, names + list(self.weights))
 
     def swap_refusal(self) -> str | None:
         return _frozen_refusal(self.options)
@@ -154,17 +194,33 @@ class JitRunner:
     def load_constants(self, tensors: Mapping[str, torch.Tensor]) -> None:
         own = dict(self.module.named_parameters())
         own.update(dict(self.module.named_buffers()))
+        own.update(self.weights)
         with torch.no_grad():
             for name, value in tensors.items():
                 own[name].copy_(value)
 
     def save(self, path: str, doc: dict) -> None:
         """AOT-compile the same program into a package at `path` (the jit-only options dropped)."""
-        opts = dataclasses.replace(self.options, aot=True, channels_last=None, cudagraphs=False,
-                                   freezing=None).resolve(_program_device(self.program))
+        opts = dataclasses.replace(self.options, aot=True, channels_last=None, cudagraphs=False, freezing=None,
+                                   prepack_weights=None).resolve(_program_device(self.program))
         doc = {**doc, "options": _options_doc(opts),
                "constants": constant_specs(self.program, list(self.program.state_dict) + list(self.program.constants))}
         aot_compile(self.program, opts, path, {META_KEY: json.dumps(doc)})
+
+
+@contextlib.contextmanager
+def _static_fake_inputs(flat: list):
+    """Fake copies of `flat` (static shapes) inside a tracing context whose fake mode has a ShapeEnv.
+    Inductor's FX graph cache keys its entries with the shape environment and bypasses itself without one
+    (`torch._inductor.compile` on real tensors makes a fake mode without it); fakeifying the inputs here with
+    static shapes keeps every size a literal, as the exported graph has them (no symbolic kernels)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    fake = [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in flat]
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        yield fake
 
 
 def _program_device(ep: torch.export.ExportedProgram) -> torch.device:
@@ -187,6 +243,12 @@ def _flat_module(ep: torch.export.ExportedProgram):
     for node in list(m.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             m.graph.erase_node(node)  # torch >= 2.10: the input checks, done by our Signature instead
+    if "_guards_fn" in m._modules and not m.graph.find_nodes(op="call_module", target="_guards_fn"):
+        del m._modules["_guards_fn"]
+    # `ep.module()` overrides train/eval on the instance with closures; they would make the module
+    # unpicklable, and AOTAutograd's cache pickles it for its key (it bypasses the cache otherwise).
+    for name in ("train", "eval"):
+        m.__dict__.pop(name, None)
     m.graph._codegen = torch.fx.graph.CodeGen()
     m._forward_pre_hooks.clear()
     m._forward_hooks.clear()
@@ -195,6 +257,34 @@ def _flat_module(ep: torch.export.ExportedProgram):
     if n_inputs != in_spec.num_leaves:
         raise RuntimeError(f"flat module has {n_inputs} inputs for {in_spec.num_leaves} leaves")
     return m, in_spec, out_spec
+
+
+def _lift_weights(m: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every tensor the graph reads as an attribute (parameters, buffers, lifted constants such as the oneDNN
+    packed weights of passes/prepack_onednn.py) becomes a leading placeholder; returns {name: tensor} in
+    placeholder order. Inductor's caches hash attribute tensors by value (and cannot hash oneDNN-packed ones
+    at all: they bypass the cache for the whole graph), but inputs only by their metadata."""
+    weights: dict[str, torch.Tensor] = {}
+    first = next(iter(m.graph.find_nodes(op="placeholder")), None)
+    for node in list(m.graph.find_nodes(op="get_attr")):
+        owner_name, _, attr = node.target.rpartition(".")
+        value = getattr(m.get_submodule(owner_name), attr)
+        if not isinstance(value, torch.Tensor):
+            continue
+        with m.graph.inserting_before(first):
+            ph = m.graph.placeholder(f"w{len(weights)}")
+        ph.meta.update(node.meta)
+        node.replace_all_uses_with(ph)
+        m.graph.erase_node(node)
+        weights[node.target] = value
+    for name in weights:  # the module keeps no copy the compiled graph does not read
+        owner_name, _, attr = name.rpartition(".")
+        owner = m.get_submodule(owner_name)
+        for store in (owner._parameters, owner._buffers):
+            store.pop(attr, None)
+        owner.__dict__.pop(attr, None)
+    m.recompile()
+    return weights
 
 
 def _to_channels_last(module: torch.nn.Module) -> None:
