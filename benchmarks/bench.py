@@ -250,25 +250,6 @@ def _results_row(record: dict, json_path: str) -> str:
     a, b = by.get(roles.get("a") or ""), by.get(roles.get("b") or "")
     ours = [v for v in by.values() if v["role"] == "d"]
     best = min(ours, key=lambda v: v["median_ms"]) if ours else None
-    c = by.get("ours-eager")
-
-    def ms(v):
-        return f"{v['median_ms']:.1f}" if v else "-"
-
-    cold = f"{_fmt(b and b['compile_cold_s'], '.0f')} / {_fmt(best and best['compile_cold_s'], '.0f')}"
-    cells = [record["date"], record["machine_line"], record["case"]["describe"], record["baseline"], ms(a), ms(b), ms(c),
-             f"{ms(best)} ({best['name']})" if best else "-",
-             _ratio(best and best["speedup_vs_eager"]), _ratio(best and best["speedup_vs_recipe"]),
-             _fmt(best and best["rel_l2_err"], ".1e"), cold, os.path.relpath(json_path, os.path.dirname(record["_md"]))]
-    return "| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |"
-
-
-def _results_row_v2(record: dict, json_path: str) -> str:
-    by = {v["name"]: v for v in record["variants"] if not v.get("error")}
-    roles = record["roles"]
-    a, b = by.get(roles.get("a") or ""), by.get(roles.get("b") or "")
-    ours = [v for v in by.values() if v["role"] == "d"]
-    best = min(ours, key=lambda v: v["median_ms"]) if ours else None
     peak = record.get("peak") or {}
 
     def ms(v):
@@ -290,8 +271,10 @@ def _results_row_v2(record: dict, json_path: str) -> str:
              _ratio(best and best["speedup_vs_eager"]), _ratio(best and best["speedup_vs_recipe"]),
              f"{_fmt(peak.get('matmul', {}).get('gflops'), '.0f')} / {_fmt(peak.get('conv3x3', {}).get('gflops'), '.0f')}",
              f"{pct(b)} / {pct(best)}", _fmt(best and best["rel_l2_err"], ".1e"),
-             f"{_fmt(b and b['compile_cold_s'], '.0f')} / {_fmt(best and best['compile_cold_s'], '.0f')} ({_ratio(cold_ratio)})",
-             f"{_fmt(b and b['compile_warm_s'], '.0f')} / {_fmt(best and best['compile_warm_s'], '.0f')} ({_ratio(warm_ratio)})",
+             f"{_fmt(b and b.get('compile_cold_s'), '.0f')} / {_fmt(best and best.get('compile_cold_s'), '.0f')} "
+             f"({_ratio(cold_ratio)})",
+             f"{_fmt(b and b.get('compile_warm_s'), '.0f')} / {_fmt(best and best.get('compile_warm_s'), '.0f')} "
+             f"({_ratio(warm_ratio)})",
              f"{mem(b)} / {mem(best)}", os.path.relpath(json_path, os.path.dirname(record["_md"]))]
     return "| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |"
 
@@ -473,7 +456,7 @@ def main(argv=None) -> int:
     log(f"record: {json_path}\nplot:   {png}")
     if not args.no_record:
         record["_md"] = os.path.abspath(args.results_md)
-        append_row_atomic(args.results_md, RESULTS_HEADER_V2, _results_row_v2(record, os.path.abspath(json_path)))
+        append_row_atomic(args.results_md, RESULTS_HEADER_V2, _results_row(record, os.path.abspath(json_path)))
         log(f"row appended to {args.results_md}")
     return 1 if any(v.get("error") for v in record["variants"]) else 0
 

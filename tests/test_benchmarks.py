@@ -89,12 +89,19 @@ def test_records_and_plot(tmp_path):
     record = dict(date="2026-01-01", machine_line="cpu; torch x", case={"describe": "tiny 8x8 batch 1 float32 cpu"},
                   baseline="diffusers 0.42.1", roles={"a": "diffusers-eager", "b": "diffusers-compile"},
                   variants=variants, _md=str(md))
+    # An existing file: the first table, then other sections. New rows go into the round-2 table (created
+    # once, at the end), never after whatever section happens to be last.
+    md.write_text(bench.RESULTS_HEADER + "| old row |\n\n## Flax\n\nprose\n")
     for _ in range(2):
-        append_row_atomic(str(md), bench.RESULTS_HEADER, bench._results_row(record, str(tmp_path / "r.json")))
+        append_row_atomic(str(md), bench.RESULTS_HEADER_V2, bench._results_row(record, str(tmp_path / "r.json")))
+    append_row_atomic(str(md), bench.RESULTS_HEADER_V2, "| 2026-01-02 | later |")
     text = md.read_text()
-    assert text.startswith(bench.RESULTS_HEADER) and text.count("| 2026-01-01 |") == 2
-    row = text.splitlines()[-1]
-    assert "4.0 (ours-inductor)" in row and "2.50x" in row and "1.25x" in row and "60 / 30" in row
+    assert text.startswith(bench.RESULTS_HEADER + "| old row |\n\n## Flax\n\nprose\n")
+    assert text.count("## Round 2") == 1 and text.count("| 2026-01-01 |") == 2
+    lines = text.splitlines()
+    assert lines[-1] == "| 2026-01-02 | later |" and lines[-2].startswith("| 2026-01-01 |")
+    row = lines[-2]
+    assert "4.0 (ours-inductor)" in row and "2.50x" in row and "1.25x" in row and "60 / 30 (0.50x)" in row
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     png = ratio_chart("t", [(v["name"], [v["speedup_vs_eager"], None]) for v in variants], ["a", "b"])
     w, h = _png_size(png)
