@@ -11,11 +11,13 @@ packing done in the graph, an unfrozen compile runs as fast as a frozen one: SD1
 `linear_to_conv1x1` before it, Inductor jit with `freezing=False`: 494 ms per step vs 491 ms frozen, first
 call after 60 s vs 65 s (benchmarks/NOTES.md).
 
-Not in any default list (opt-in: `passes.default_passes("cpu") + (passes.prepack_onednn,)`):
+Not in the device pass lists (`default_passes`): `compiled_unet.compile` appends it for the float32 CPU jit
+default (`InductorOptions(prepack_weights=True)`), because it belongs to that runtime:
 - a packed tensor has layout torch._mkldnn (opaque: only oneDNN ops read it; `.to_dense()` gives the
   weight back), so nothing else may run on it afterwards; and its blocking is specific to this CPU's ISA;
-- packed weights are lifted constants, which AOTInductor renames: `swap_weights` then refuses (it cannot
-  reach them) instead of leaving them stale.
+- the jit runner takes packed weights as graph inputs (swap_weights re-runs the passes and re-packs); an
+  AOTInductor package would rename these lifted constants, so `swap_weights` refuses there instead of leaving
+  them stale.
 Run it last.
 """
 import logging

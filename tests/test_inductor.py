@@ -46,6 +46,7 @@ def test_options_validate():
     # tensor and Inductor's caches apply); other dtypes freeze (the pass packs float32 only).
     cpu = InductorOptions().resolve(torch.device("cpu"))
     assert cpu.prepack_weights and not cpu.freezing and cpu.channels_last and not cpu.config()["freezing"]
+    assert cpu.swap_refusal_reason() is None  # packed weights are graph inputs: swap_weights re-packs them
     bf16 = InductorOptions().resolve(torch.device("cpu"), torch.bfloat16)
     assert bf16.freezing and not bf16.prepack_weights
     frozen = InductorOptions(freezing=True).resolve(torch.device("cpu"))
@@ -259,20 +260,38 @@ def test_weight_swap_with_model_state_dict_in_process(tiny_model, swappable_aot)
         loaded.derive_weights(model.state_dict())
 
 
-def test_frozen_graphs_refuse_weight_swap(tiny_model, compiled_buckets, compiled_jit, bundle_dir):
-    """Frozen packages (the CPU AOT default) hold their weights as prepacked constants under internal names,
-    and the CPU jit default runs on weights packed by the prepack_onednn pass: swap_weights and derive_weights
-    say so, naming the option that allows swapping, instead of loading a part of the weights silently."""
+def test_frozen_graphs_refuse_weight_swap(tiny_model, compiled_buckets, bundle_dir):
+    """Frozen packages (the CPU AOT default) hold their weights as prepacked constants under internal names:
+    swap_weights and derive_weights say so instead of loading a part of the weights silently."""
     state = build("sd", seed=8).state_dict()
     loaded = compiled_unet.load(os.path.join(bundle_dir, "bucket_1.pt2"))
-    with pytest.raises(RuntimeError, match=r"prepack_weights=False"):
-        compiled_jit.swap_weights(state)
     for frozen in (compiled_buckets.buckets[1], loaded, compiled_buckets):
         with pytest.raises(RuntimeError, match="frozen"):
             frozen.swap_weights(state)
     with pytest.raises(RuntimeError, match="frozen"):
         compiled_buckets.buckets[1].derive_weights(state)
     assert loaded.options.freezing and compiled_buckets.buckets[1].options.freezing
+
+
+def test_jit_default_swaps_packed_weights_without_touching_the_model(tiny_model):
+    """The CPU jit default runs on weights packed in the graph (prepack_onednn) that are inputs of the compiled
+    code: swap_weights re-runs the passes on the new weights, packs them, and hands the graph new tensors.
+    Compiled vs the new weights' eager: max-abs <= 1e-4 x scale. The model it was compiled from keeps its own
+    weights (export shares them with the graph; a swap must not write into them)."""
+    model, (sample, timestep), kwargs = tiny_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = compiled_unet.compile(model, sample, timestep, **kwargs)  # the fixture's graph: a cache hit
+    assert compiled.options.prepack_weights and compiled._runner.packed_weight_names()
+    other = build("sd", seed=8)
+    compiled.swap_weights(other.state_dict())
+    assert_close_to_eager(compiled(sample, timestep, **kwargs).sample, _eager(other, sample, timestep, **kwargs))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "swap wrote into the model"
+    derived = compiled.derive_weights(model.state_dict())
+    name = sorted(compiled._runner.packed_weight_names())[0]
+    with pytest.raises(ValueError, match="oneDNN-packed"):
+        compiled.swap_weights({**derived, name: derived[name].to_dense()})
+    compiled.swap_weights(derived)  # back, through the graph's own names
+    assert_close_to_eager(compiled(sample, timestep, **kwargs).sample, _eager(model, sample, timestep, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ META_KEY = "compiled_unet"          # the AOTInductor metadata entry holding the
 # prepack_onednn graph pass (`prepack_weights`; weights stay inputs of the compiled graph). The jit default is
 # the pass: same speed, and the compiled graph then holds no tensor, so Inductor's FX graph and AOTAutograd
 # caches serve a second process (SD1.5 32x32: 21 s instead of 120 s; freezing bypasses both caches).
-# Packages stay frozen (AOTInductor renames the lifted packed constants). Freezing and packing both make
-# weights unswappable: `swap_weights` needs freezing=False and prepack_weights=False.
+# Packages stay frozen (AOTInductor renames the lifted packed constants), so a package's `swap_weights` needs
+# freezing=False; the jit graph's packed weights are inputs, which `swap_weights` re-packs.
 _DEFAULTS = {
     ("cpu", "jit"): dict(freezing=False, channels_last=True, prepack_weights=True),
     ("cpu", "aot"): dict(freezing=True, channels_last=False, prepack_weights=False),
@@ -133,10 +133,8 @@ def constant_specs(program: torch.export.ExportedProgram, names) -> dict[str, li
 
 
 def _frozen_refusal(options: InductorOptions) -> str | None:
-    if options.prepack_weights:
-        return ("this compiled UNet runs on weights packed for oneDNN by the prepack_onednn pass "
-                "(InductorOptions(prepack_weights=True), the float32 CPU jit default). Compile with "
-                "InductorOptions(prepack_weights=False) to swap weights without recompiling (slower convolutions)")
+    # Weights packed by the prepack_onednn pass are inputs of the jit graph: a swap re-runs the passes on the
+    # new weights (derive_weights) and hands the runner the new packed tensors.
     if options.freezing:
         return ("this compiled UNet is frozen (InductorOptions(freezing=True)): its weights are "
                 "constants of the compiled code under internal names (the CPU package default). Compile with "
@@ -186,18 +184,35 @@ class JitRunner:
 
     def constant_specs(self) -> dict[str, list]:
         names = [n for n, _ in self.module.named_parameters()] + [n for n, _ in self.module.named_buffers()]
-        return constant_specs(self.program, names + list(self.weights))
+        specs = constant_specs(self.program, names + list(self.weights))
+        # oneDNN-packed inputs: their logical shape; check_weights accepts a packed tensor for these names only.
+        specs.update({n: [list(t.shape), str(t.dtype).removeprefix("torch.")] for n, t in self.weights.items()
+                      if t.is_mkldnn})
+        return specs
+
+    def packed_weight_names(self) -> set[str]:
+        """The inputs the graph reads as oneDNN-packed tensors (new values come from derive_weights)."""
+        return {n for n, t in self.weights.items() if t.is_mkldnn}
 
     def swap_refusal(self) -> str | None:
         return _frozen_refusal(self.options)
 
     def load_constants(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        own = dict(self.module.named_parameters())
-        own.update(dict(self.module.named_buffers()))
-        own.update(self.weights)
+        # New tensors, not copies into the old ones: the runner's weights start as the caller's model
+        # parameters (export shares them), which a swap must leave alone. Each new dense tensor has the old one's
+        # strides (the compiled code assumes them); packed ones come from derive_weights on this machine. The
+        # input list is replaced in one assignment, so a concurrent call sees the old or the new weights.
+        unknown = sorted(set(tensors) - set(self.weights))
+        if unknown:
+            raise ValueError(f"not inputs of this compiled graph: {unknown[:10]}")
+        weights = dict(self.weights)
         with torch.no_grad():
             for name, value in tensors.items():
-                own[name].copy_(value)
+                if weights[name].is_mkldnn:
+                    weights[name] = value
+                else:
+                    weights[name] = torch.empty_like(weights[name]).copy_(value)
+        self.weights, self._weight_list = weights, list(weights.values())
 
     def save(self, path: str, doc: dict) -> None:
         """AOT-compile the same program into a package at `path` (the jit-only options dropped)."""
@@ -265,18 +280,20 @@ def _lift_weights(m: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     placeholder order. Inductor's caches hash attribute tensors by value (and cannot hash oneDNN-packed ones
     at all: they bypass the cache for the whole graph), but inputs only by their metadata."""
     weights: dict[str, torch.Tensor] = {}
+    placeholders: dict[str, torch.fx.Node] = {}  # one input per attribute, however many nodes read it
     first = next(iter(m.graph.find_nodes(op="placeholder")), None)
     for node in list(m.graph.find_nodes(op="get_attr")):
         owner_name, _, attr = node.target.rpartition(".")
         value = getattr(m.get_submodule(owner_name), attr)
         if not isinstance(value, torch.Tensor):
             continue
-        with m.graph.inserting_before(first):
-            ph = m.graph.placeholder(f"w{len(weights)}")
-        ph.meta.update(node.meta)
-        node.replace_all_uses_with(ph)
+        if node.target not in placeholders:
+            with m.graph.inserting_before(first):
+                placeholders[node.target] = m.graph.placeholder(f"w{len(weights)}")
+            placeholders[node.target].meta.update(node.meta)
+            weights[node.target] = value
+        node.replace_all_uses_with(placeholders[node.target])
         m.graph.erase_node(node)
-        weights[node.target] = value
     for name in weights:  # the module keeps no copy the compiled graph does not read
         owner_name, _, attr = name.rpartition(".")
         owner = m.get_submodule(owner_name)

@@ -301,7 +301,11 @@ class CompiledUNet(torch.nn.Module):
             if not torch.is_tensor(value) or list(value.shape) != list(shape) or dtype_name(value.dtype) != dtype:
                 raise ValueError(f"swap_weights: {name!r} is {_describe(value)}; the compiled graph holds "
                                  f"{shape} {dtype}")
-            if value.is_mkldnn or value.layout != torch.strided:
+            packed = getattr(self._runner, "packed_weight_names", set)()
+            if name in packed and not value.is_mkldnn:
+                raise ValueError(f"swap_weights: {name!r} is a oneDNN-packed weight of the compiled graph; pass the "
+                                 f"UNet's own state_dict (or derive_weights' output), which packs it")
+            if name not in packed and (value.is_mkldnn or value.layout != torch.strided):
                 raise ValueError(f"swap_weights: {name!r} must be a dense (strided) tensor")
 
     # ----- artifacts
