@@ -11,6 +11,8 @@ never branches on backend kind:
     constant_specs()              {name: [shape, dtype]} of the weights `load_constants` can replace
     swap_refusal()                why weights cannot be swapped (a sentence), or None
     load_constants(tensors)       replace weights (already checked by the caller)
+    packed_weight_names()         optional: names among constant_specs() whose values are oneDNN-packed tensors
+                                  (jit's prepack_weights; new values come from derive_weights), default none
     save(path, doc)               write the artifact at `path` (a temporary path the caller renames into place);
                                   `doc` is the artifact document (format, signature, config, options, ...)
     artifact_is_dir               True when the artifact is a folder (StableHLO), False for one file (.pt2)
