@@ -296,12 +296,12 @@ class CompiledUNet(torch.nn.Module):
         missing = sorted(n for n in set(specs) - set(state_dict) if not n.startswith("_"))
         if strict and missing:
             raise ValueError(f"swap_weights(strict=True): missing {missing[:10]} ({len(missing)} in all)")
+        packed = getattr(self._runner, "packed_weight_names", set)()
         for name, value in state_dict.items():
             shape, dtype = specs[name]
             if not torch.is_tensor(value) or list(value.shape) != list(shape) or dtype_name(value.dtype) != dtype:
                 raise ValueError(f"swap_weights: {name!r} is {_describe(value)}; the compiled graph holds "
                                  f"{shape} {dtype}")
-            packed = getattr(self._runner, "packed_weight_names", set)()
             if name in packed and not value.is_mkldnn:
                 raise ValueError(f"swap_weights: {name!r} is a oneDNN-packed weight of the compiled graph; pass the "
                                  f"UNet's own state_dict (or derive_weights' output), which packs it")
