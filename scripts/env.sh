@@ -20,3 +20,5 @@ fi
 export PATH="$VENV/bin:$PATH"
 # A persistent Inductor cache inside the checkout: compiled kernels are reused across tests and runs.
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.cache/inductor}"
+# compiled_unet's own cache (AOTInductor libraries extracted once from loaded packages), also inside the checkout.
+export COMPILED_UNET_CACHE_DIR="${COMPILED_UNET_CACHE_DIR:-$ROOT/.cache/compiled_unet}"

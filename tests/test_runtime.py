@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import threading
 import zipfile
 
@@ -153,6 +154,65 @@ def test_truncated_and_corrupted_packages_are_named(tmp_path, bundle_dir):
     (tmp_path / "corrupt.pt2").write_bytes(bytes(corrupt))
     with pytest.raises(DamagedArtifact, match="corrupt.pt2"):
         compiled_unet.load(tmp_path / "corrupt.pt2")
+
+
+def _bucket0_output(loaded) -> torch.Tensor:
+    ex = bucket_example(0)
+    return loaded(ex.pop("sample"), ex.pop("timestep"), **ex).sample
+
+
+@pytestmark_slow
+def test_package_library_is_extracted_once_and_a_file_is_trusted_only_while_unchanged(tmp_path, bundle_dir,
+                                                                                        monkeypatch):
+    """A plain CPU package runs from its library extracted once into the cache; the same file (device, inode,
+    size, mtime) loads again without reading the library; a copy or a touched file has its library's bytes
+    checked again (no second extraction); every load's output is bitwise equal to torch's own loader's."""
+    from compiled_unet.backends import aoti_library, inductor
+
+    monkeypatch.setenv("COMPILED_UNET_CACHE_DIR", str(tmp_path / "cache"))
+    checked = []
+    real = aoti_library._verify_or_extract
+    monkeypatch.setattr(aoti_library, "_verify_or_extract", lambda *a: (checked.append(a[0]), real(*a)))
+    first = shutil.copy(os.path.join(bundle_dir, "bucket_0.pt2"), str(tmp_path / "a.pt2"))
+    loaded = compiled_unet.load(first)
+    libs = os.listdir(tmp_path / "cache" / "aoti" / "lib")
+    assert isinstance(loaded._runner.model, aoti_library.LibraryModel)
+    assert checked == [first] and len(libs) == 1
+    again = compiled_unet.load(first)
+    assert checked == [first], "an unchanged file was read again"
+    copy = shutil.copy(first, str(tmp_path / "b.pt2"))
+    from_copy = compiled_unet.load(copy)
+    assert checked == [first, copy] and os.listdir(tmp_path / "cache" / "aoti" / "lib") == libs
+    st = os.stat(first)
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    compiled_unet.load(first)
+    assert checked == [first, copy, first], "a file with a new modification time was trusted without a check"
+
+    monkeypatch.setattr(inductor, "load_library_model", lambda path: None)
+    by_torch = compiled_unet.load(first)
+    assert not isinstance(by_torch._runner.model, aoti_library.LibraryModel)
+    reference = _bucket0_output(by_torch)
+    for other in (loaded, again, from_copy):
+        assert torch.equal(_bucket0_output(other), reference)
+
+
+@pytestmark_slow
+def test_a_package_with_members_the_fast_path_does_not_know_goes_through_torchs_loader(tmp_path, bundle_dir,
+                                                                                          monkeypatch):
+    from compiled_unet.backends import aoti_library
+
+    monkeypatch.setenv("COMPILED_UNET_CACHE_DIR", str(tmp_path / "cache"))
+    src = os.path.join(bundle_dir, "bucket_0.pt2")
+    extended = tmp_path / "extended.pt2"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(extended, "w") as zout:
+        for item in zin.infolist():
+            zout.writestr(item, zin.read(item.filename))
+        model_dir = next(i.filename for i in zin.infolist() if i.filename.endswith(".so")).rsplit("/", 1)[0]
+        zout.writestr(model_dir + "/kernel.cubin", b"\0" * 16)  # a CUDA-style kernel binary
+    loaded = compiled_unet.load(extended)
+    assert not isinstance(loaded._runner.model, aoti_library.LibraryModel)
+    assert not (tmp_path / "cache" / "aoti" / "lib").exists()
+    assert torch.equal(_bucket0_output(loaded), _bucket0_output(compiled_unet.load(src)))
 
 
 @pytestmark_slow

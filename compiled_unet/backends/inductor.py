@@ -5,7 +5,9 @@ Two runtimes share one exported, optimized graph, both runners of the protocol i
     the example inputs. No dynamo and no guards: the compiled callable has no recompile mechanism at all, so
     a call changes no process-global state and many threads may call it at once.
   * aot (`InductorOptions(aot=True)`): `torch._inductor.aoti_compile_and_package` into a `.pt2` package,
-    loaded with `aoti_load_package`; `save` copies the package, and weights swap in with `load_constants`.
+    loaded from its library extracted once into a cache (`aoti_library.py`; torch's `aoti_load_package`, which
+    extracts on every load, for layouts other than a plain CPU package); `save` copies the package, and weights
+    swap in with `load_constants`.
 The package carries the artifact document (signature, config, options, weight names/shapes/dtypes) as
 AOTInductor metadata, so a loaded package validates inputs and swapped weights without the model source.
 """
@@ -26,6 +28,7 @@ import torch._inductor.config  # noqa: F401 - patched while the first call compi
 import torch.utils._pytree as pytree
 
 from ..errors import DamagedArtifact
+from .aoti_library import load_library_model
 
 FORMAT = "compiled_unet.inductor-aot/1"
 META_KEY = "compiled_unet"          # the AOTInductor metadata entry holding the artifact document (JSON)
@@ -345,7 +348,7 @@ class AotRunner:
         self.options = InductorOptions(**doc.get("options", {}))
         self._owned_dir = owned_dir  # keeps a temporary package alive as long as the runner
         t0 = time.perf_counter()
-        self.model = torch._inductor.aoti_load_package(self.package_path)
+        self.model = _load_model(self.package_path)
         self.load_seconds = time.perf_counter() - t0
         self.compile_seconds = compile_seconds
         self._specs = None
@@ -367,6 +370,8 @@ class AotRunner:
         doc = read_package_doc(path)
         try:
             return cls(path, doc)
+        except DamagedArtifact:
+            raise
         except Exception as e:  # noqa: BLE001 - the loader's errors name neither the file nor the cause
             raise DamagedArtifact(f"{path}: the AOTInductor package is damaged and cannot be loaded "
                                   f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
@@ -401,13 +406,30 @@ class AotRunner:
             shutil.copyfile(self.package_path, path)
 
 
-def read_package_doc(path: str) -> dict:
-    """The artifact document inside a `.pt2` written by `save`, checked before anything is loaded."""
+def _load_model(path: str):
+    """A plain CPU package runs from the extracted-once library (aoti_library); any other through torch's
+    loader, after every member's checksum is checked (torch's loader checks none)."""
+    model = load_library_model(path)
+    if model is None:
+        _check_checksums(path)
+        model = torch._inductor.aoti_load_package(path)
+    return model
+
+
+def _check_checksums(path: str) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
-            if bad is not None:
-                raise DamagedArtifact(f"{path}: damaged .pt2 package (checksum error in {bad})")
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise DamagedArtifact(f"{path}: damaged .pt2 package ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise DamagedArtifact(f"{path}: damaged .pt2 package (checksum error in {bad})")
+
+
+def read_package_doc(path: str) -> dict:
+    """The artifact document inside a `.pt2` written by `save` (its member's checksum checked on reading)."""
+    try:
+        with zipfile.ZipFile(path) as z:
             metas = [n for n in z.namelist() if n.endswith("metadata.json") or n.endswith("_metadata.json")]
             raw = None
             for name in metas:

@@ -1,0 +1,194 @@
+"""Load a CPU AOTInductor package without unpacking it on every load.
+
+torch's loader (`aoti_load_package`) extracts the `.pt2` into a fresh temporary folder on each load and dlopens
+the compiled library from there. A frozen CPU package keeps its weights inside that library (appended, then
+mmapped), so each SD1.5 load wrote 3.4 GB, after our integrity check had read them once already (9.8 s).
+
+Here the library is extracted once per content into a cache folder (its zip checksum verified while extracting,
+written atomically) and every later load dlopens it from there; the weights are then mmapped from one file
+that all processes loading the package share. A package file is trusted without reading it again only while
+its identity (device, inode, size, modification time) is the one recorded when its library's bytes were last
+verified; a copy, a rewrite or a new download is verified again (a read, no write).
+
+    model = load_library_model(path)   # None: a layout this fast path does not handle (use aoti_load_package)
+    model(*args, **kwargs); model.get_constant_fqns(); model.load_constants({...}, check_full_update=False)
+
+Cache: $COMPILED_UNET_CACHE_DIR/aoti, default ~/.cache/compiled_unet/aoti (must allow executing mapped files);
+the eight most recently used libraries are kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import zipfile
+
+import torch
+import torch.utils._pytree as pytree
+
+from .._atomic import atomic_file, write_atomic
+from ..errors import DamagedArtifact
+
+KEEP_LIBRARIES = 8
+_CHUNK = 1 << 24
+# Members a CPU package may hold besides its one library; anything else (CUDA kernel binaries, weights stored
+# outside the library, custom objects) means torch's own loader must read the package.
+_PLAIN_SUFFIXES = (".json", ".cpp", ".h", ".txt")  # and extension-less bookkeeping (version, byteorder)
+
+
+def cache_root() -> str:
+    base = os.environ.get("COMPILED_UNET_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "compiled_unet")
+    return os.path.join(base, "aoti")
+
+
+def load_library_model(path: str) -> "LibraryModel | None":
+    """The package's model, run from the cached library; None when the package is not a plain CPU package."""
+    if not hasattr(torch._C._aoti, "AOTIModelContainerRunnerCpu"):
+        return None
+    with zipfile.ZipFile(path) as z:
+        member = _library_member(z)
+        if member is None:
+            return None
+        key = hashlib.sha256(f"{member.filename}:{member.CRC:08x}:{member.file_size}".encode()).hexdigest()[:32]
+        library = os.path.join(cache_root(), "lib", key, "model.so")
+        identity = _identity(path)
+        if not (os.path.exists(library) and _seen(path) == {**identity, "key": key}):
+            try:
+                _verify_or_extract(path, z, member, library)
+            except zipfile.BadZipFile as e:
+                raise DamagedArtifact(f"{path}: damaged .pt2 package ({e})") from None
+            _remember(path, {**identity, "key": key})
+    with contextlib.suppress(OSError):
+        os.utime(os.path.dirname(library))  # most recently used
+    return LibraryModel(library)
+
+
+class LibraryModel:
+    """The part of torch's `AOTICompiledModel` we use, over torch's CPU container runner of one library."""
+
+    def __init__(self, library: str):
+        self.library = library
+        self.runner = torch._C._aoti.AOTIModelContainerRunnerCpu(library, 1)
+        in_spec, out_spec = self.runner.get_call_spec()
+        self._in_spec, self._out_spec = pytree.treespec_loads(in_spec), pytree.treespec_loads(out_spec)
+        self._internal_name = {fqn: name for name, fqn in self.runner.get_constant_names_to_original_fqns().items()}
+        self.released_bytes = _release_clean_pages(library)
+
+    def __call__(self, *args, **kwargs):
+        from torch.export._tree_utils import reorder_kwargs
+        flat = pytree.tree_flatten((args, reorder_kwargs(kwargs, self._in_spec)))[0]
+        outputs = self.runner.run([x for x in flat if isinstance(x, torch.Tensor)])
+        return pytree.tree_unflatten(outputs, self._out_spec)
+
+    def get_constant_fqns(self) -> list[str]:
+        return list(self._internal_name)
+
+    def load_constants(self, tensors, *, check_full_update: bool) -> None:
+        unknown = sorted(set(tensors) - set(self._internal_name))
+        if unknown:
+            raise KeyError(f"constants not held by the package: {unknown[:5]}")
+        self.runner.update_constant_buffer({self._internal_name[k]: v for k, v in tensors.items()},
+                                           False, check_full_update)
+
+
+def _release_clean_pages(library: str) -> int:
+    """Drop this process's mapped pages of `library`'s weights once the runner has copied what it packs.
+
+    The runner copies every oneDNN-packed weight out of the mapped library into memory of its own, so right after
+    loading the process holds the weights twice (SD1.5: 7.0 GB resident for 3.4 GB). The mapped copy is clean
+    file memory; dropping it (MADV_DONTNEED) leaves it in the page cache, and the few weights still read from
+    the mapping (biases, norms) fault back in from the file. Only mappings nobody wrote to are dropped (a private
+    page that was written would lose its content). Returns the bytes released (0 where unsupported)."""
+    if not os.path.exists("/proc/self/smaps"):
+        return 0
+    import ctypes
+    regions, current = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:
+                current = None
+                if len(head) >= 6 and os.path.realpath(head[5]) == os.path.realpath(library):
+                    start, end = (int(x, 16) for x in head[0].split("-"))
+                    current = [start, end, 0, 0]
+                    regions.append(current)
+            elif current is not None and head[0] in ("Private_Dirty:", "Rss:"):
+                current[2 if head[0] == "Rss:" else 3] = int(head[1]) * 1024
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for start, end, rss, dirty in regions:
+        if end - start >= 64 << 20 and dirty == 0 and libc.madvise(start, end - start, 4) == 0:  # MADV_DONTNEED
+            released += rss
+    return released
+
+
+def _library_member(z: zipfile.ZipFile) -> zipfile.ZipInfo | None:
+    files = [i for i in z.infolist() if not i.is_dir()]
+    libraries = [i for i in files if i.filename.endswith(".so")]
+    plain = all(i in libraries or i.filename.endswith(_PLAIN_SUFFIXES) or "." not in os.path.basename(i.filename)
+                for i in files)
+    if len(libraries) != 1 or not plain:
+        return None
+    return libraries[0]
+
+
+def _verify_or_extract(path: str, z: zipfile.ZipFile, member: zipfile.ZipInfo, library: str) -> None:
+    """Check the library's bytes in `path` against the zip checksum; extract them if the cache lacks them."""
+    if os.path.exists(library):
+        with z.open(member) as src:
+            while src.read(_CHUNK):  # zipfile raises BadZipFile at the end if the CRC-32 differs
+                pass
+        return
+    os.makedirs(os.path.dirname(library), exist_ok=True)
+    with atomic_file(library, suffix=".so") as tmp, z.open(member) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, _CHUNK)  # zipfile checks the CRC when the member ends
+    _prune(os.path.dirname(os.path.dirname(library)))
+
+
+def _identity(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": os.path.realpath(path), "dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns}
+
+
+def _record_path(path: str) -> str:
+    name = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
+    return os.path.join(cache_root(), "seen", name + ".json")
+
+
+def _seen(path: str) -> dict | None:
+    try:
+        with open(_record_path(path)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _remember(path: str, record: dict) -> None:
+    write_atomic(_record_path(path), json.dumps(record))
+
+
+def _prune(lib_root: str) -> None:
+    """Keep the KEEP_LIBRARIES most recently used libraries (a process that mapped a removed one keeps it)."""
+    entries = []
+    for name in os.listdir(lib_root):
+        with contextlib.suppress(OSError):
+            entries.append((os.stat(os.path.join(lib_root, name)).st_mtime, name))
+    for _, name in sorted(entries, reverse=True)[KEEP_LIBRARIES:]:
+        shutil.rmtree(os.path.join(lib_root, name), ignore_errors=True)
+    seen = os.path.join(os.path.dirname(lib_root), "seen")
+    for name in os.listdir(seen) if os.path.isdir(seen) else ():
+        record = os.path.join(seen, name)
+        try:
+            with open(record) as f:
+                gone = not os.path.exists(json.load(f)["path"])
+        except (OSError, ValueError, KeyError):
+            gone = time.time() - os.path.getmtime(record) > 86400 if os.path.exists(record) else False
+        if gone:
+            with contextlib.suppress(OSError):
+                os.remove(record)
