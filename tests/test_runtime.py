@@ -216,6 +216,21 @@ def test_a_package_with_members_the_fast_path_does_not_know_goes_through_torchs_
 
 
 @pytestmark_slow
+def test_an_unwritable_cache_falls_back_to_torchs_loader_with_a_warning(tmp_path, bundle_dir, monkeypatch):
+    from compiled_unet.backends import aoti_library
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("COMPILED_UNET_CACHE_DIR", str(blocker))
+    src = os.path.join(bundle_dir, "bucket_0.pt2")
+    with pytest.warns(RuntimeWarning, match="cannot cache the compiled library.*COMPILED_UNET_CACHE_DIR"):
+        loaded = compiled_unet.load(src)
+    assert not isinstance(loaded._runner.model, aoti_library.LibraryModel)
+    monkeypatch.setenv("COMPILED_UNET_CACHE_DIR", str(tmp_path / "cache"))
+    assert torch.equal(_bucket0_output(loaded), _bucket0_output(compiled_unet.load(src)))
+
+
+@pytestmark_slow
 def test_save_creates_missing_folders_and_leaves_no_temporary(tmp_path, compiled_buckets):
     target = tmp_path / "new" / "deeper" / "unet.pt2"
     assert compiled_unet.save(compiled_buckets.buckets[0], target) == str(target)

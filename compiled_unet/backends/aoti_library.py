@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 import zipfile
 
 import torch
@@ -59,11 +60,16 @@ def load_library_model(path: str) -> "LibraryModel | None":
         if not (os.path.exists(library) and _seen(path) == {**identity, "key": key}):
             try:
                 _verify_or_extract(path, z, member, library)
+                _remember(path, {**identity, "key": key})
             except zipfile.BadZipFile as e:
                 raise DamagedArtifact(f"{path}: damaged .pt2 package ({e})") from None
-            _remember(path, {**identity, "key": key})
+            except OSError as e:  # e.g. a read-only home: torch's loader extracts into a temporary folder
+                warnings.warn(f"compiled_unet: cannot cache the compiled library of {path} under {cache_root()} "
+                              f"({e}); loading it with torch's loader (slower). Set COMPILED_UNET_CACHE_DIR to a "
+                              f"writable folder.", RuntimeWarning, stacklevel=3)
+                return None
     with contextlib.suppress(OSError):
-        os.utime(os.path.dirname(library))  # most recently used
+        os.utime(os.path.dirname(library))  # most recently used: the pruning of other loads keeps it
     return LibraryModel(library)
 
 
