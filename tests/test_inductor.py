@@ -239,6 +239,21 @@ def test_weight_swap_without_recompile(swappable_aot):
     assert loaded._runner.model is runner and inductor_cache_files() == files
 
 
+def test_two_loads_of_one_package_keep_their_own_weights(swappable_aot):
+    """Both loads run the one cached library (dlopened once per process); a swap into one must not reach the
+    other: each holds its own constants (outputs vs eager <= 1e-4 x scale; the untouched one bitwise unchanged)."""
+    compiled, path = swappable_aot
+    ex = bucket_example(0)
+    sample, timestep = ex.pop("sample"), ex.pop("timestep")
+    first, second = compiled_unet.load(path), compiled_unet.load(path)
+    assert first._runner.model.library == second._runner.model.library
+    before = second(sample, timestep, **ex).sample.clone()
+    new_model = build("sd", seed=11)
+    first.swap_weights(compiled.derive_weights(new_model.state_dict()))
+    assert_close_to_eager(first(sample, timestep, **ex).sample, _eager(new_model, sample, timestep, **ex))
+    assert torch.equal(second(sample, timestep, **ex).sample, before)
+
+
 def test_weight_swap_with_model_state_dict_in_process(tiny_model, swappable_aot):
     """In the compiling process, swap_weights takes the UNet's own state_dict (derived through the passes);
     the shared package gets its original weights back afterwards."""
