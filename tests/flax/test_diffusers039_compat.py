@@ -197,8 +197,10 @@ def test_our_torch_model_matches_diffusers_torch(case):
                       mid_block_additional_residual=_t(extra["mid"]))
         with torch.no_grad():
             out = tmodel(_t(io["sample"]), _t(io["timesteps"]), _t(io["encoder_hidden_states"]), **kw).sample
-        # same PyTorch math on the same weights: rel-L2 <= 1e-6, max-abs <= 1e-6 x max(1, |ref|)
-        assert_close(out, _t(io["torch_exact" + suffix]), scale_tol=1e-6, rel_l2=1e-6,
+        # same PyTorch math on the same weights, but the fixture was written on another machine and torch's CPU
+        # kernels accumulate in an ISA-dependent order (AVX2 fixture on an AVX-512 machine: rel-L2 1.06e-6, max-abs
+        # 1.58e-6 x scale): rel-L2 <= 5e-6, max-abs <= 5e-6 x max(1, |ref|); tanh vs exact GELU differ by ~1e-4
+        assert_close(out, _t(io["torch_exact" + suffix]), scale_tol=5e-6, rel_l2=5e-6,
                      what=f"{name}{suffix}: our PyTorch vs diffusers-0.39 PyTorch")
 
 
