@@ -15,9 +15,20 @@ if [ ! -x "$XLA_VENV/bin/python" ]; then
   "$_xla_python" -m venv "$XLA_VENV"
 fi
 if [ "$(cat "$XLA_VENV/.stamp" 2>/dev/null)" != "$(_xla_stamp)" ]; then
+  # ~3 GB of wheels unpack to ~7 GB; say so up front instead of pip's "[Errno 28] No space left on device"
+  # half-way through (seen in CI on a machine whose disk other runs had filled).
+  _need_kb=$((9 * 1024 * 1024))
+  _free_kb=$(df -Pk "$XLA_VENV" | awk 'NR == 2 {print $4}')
+  if [ "${_free_kb:-0}" -lt "$_need_kb" ]; then
+    echo "[env-xla] not enough disk for the XLA environment: it needs about 9 GB free on the disk of $XLA_VENV" \
+         "(torch 2.9.1 CUDA build + torch-xla), $((_free_kb / 1024 / 1024)) GB are free." \
+         "Free some space, or set COMPILED_UNET_XLA_VENV to a folder on a larger disk." >&2
+    exit 1
+  fi
   echo "[env-xla] installing torch 2.9.1, torch-xla 2.9.0 and compiled-unet into $XLA_VENV (first time: ~3 GB download, ~7 GB on disk)" >&2
   _t0=$SECONDS
-  _xla_pip install -q --disable-pip-version-check -r "$ROOT/requirements/xla.txt"
+  # --no-cache-dir: pip's wheel cache would keep a second, 3 GB copy of what it just installed.
+  _xla_pip install -q --disable-pip-version-check --no-cache-dir -r "$ROOT/requirements/xla.txt"
   _xla_pip install -q --disable-pip-version-check -c "$ROOT/requirements/xla.txt" -e "$ROOT"
   PJRT_DEVICE=CPU "$XLA_VENV/bin/python" -c "import torch, torch_xla; assert torch.__version__.startswith('2.9.'), torch.__version__"
   _xla_stamp > "$XLA_VENV/.stamp"
