@@ -11,6 +11,7 @@ import functools
 import os
 import shutil
 import threading
+import time
 import zipfile
 
 import pytest
@@ -341,3 +342,36 @@ def test_freeu_needs_freeu_in_the_graph(compiled_jit):
     with pytest.raises(RuntimeError, match="no FreeU in its graph"):
         compiled_jit.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
     compiled_jit.disable_freeu()  # already off: nothing to do
+
+
+def _fake_library(lib_root, name: str, size: int, age_s: float) -> None:
+    folder = lib_root / name
+    folder.mkdir(parents=True)
+    (folder / "model.so").write_bytes(b"\0" * size)
+    t = time.time() - age_s
+    os.utime(folder, (t, t))
+
+
+def test_library_cache_keeps_the_most_recent_within_its_byte_budget(tmp_path, monkeypatch):
+    """The cache is bounded in bytes as well as in count (SD1.5 libraries are 3.4 GB each: eight of them filled a
+    disk): pruning keeps the newest libraries that fit, drops everything older than the first that does not, makes
+    room before an extraction, and never drops the library just loaded even when it alone exceeds the budget."""
+    from compiled_unet.backends import aoti_library
+
+    lib_root = tmp_path / "lib"
+    monkeypatch.setenv("COMPILED_UNET_CACHE_MAX_GB", str(10_000 / 1e9))  # a 10 kB budget
+    for name, size, age in [("new", 3000, 1), ("mid", 4000, 2), ("old", 4000, 3), ("oldest", 100, 4)]:
+        _fake_library(lib_root, name, size, age)
+    aoti_library._prune(str(lib_root))
+    assert sorted(os.listdir(lib_root)) == ["mid", "new"]  # old would overflow: it and everything older go
+
+    aoti_library._prune(str(lib_root), incoming_bytes=5000)  # room for a 5 kB library about to be written
+    assert os.listdir(lib_root) == ["new"]
+
+    _fake_library(lib_root, "huge", 20_000, 10)  # just extracted, alone over the budget, oldest mtime
+    aoti_library._prune(str(lib_root), keep="huge")
+    assert os.listdir(lib_root) == ["huge"]
+
+    monkeypatch.setenv("COMPILED_UNET_CACHE_MAX_GB", "lots")
+    with pytest.warns(RuntimeWarning, match="COMPILED_UNET_CACHE_MAX_GB='lots'"):
+        assert aoti_library.max_cache_bytes() == int(aoti_library.DEFAULT_MAX_GB * 1e9)

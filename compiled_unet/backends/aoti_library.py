@@ -13,8 +13,9 @@ verified; a copy, a rewrite or a new download is verified again (a read, no writ
     model = load_library_model(path)   # None: a layout this fast path does not handle (use aoti_load_package)
     model(*args, **kwargs); model.get_constant_fqns(); model.load_constants({...}, check_full_update=False)
 
-Cache: $COMPILED_UNET_CACHE_DIR/aoti, default ~/.cache/compiled_unet/aoti (must allow executing mapped files);
-the eight most recently used libraries are kept.
+Cache: $COMPILED_UNET_CACHE_DIR/aoti, default ~/.cache/compiled_unet/aoti (must allow executing mapped files).
+The most recently used libraries are kept, at most eight and at most $COMPILED_UNET_CACHE_MAX_GB gigabytes
+(default 8: two SD1.5 packages); the library just loaded is always kept, however large.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from .._atomic import atomic_file, write_atomic
 from ..errors import DamagedArtifact
 
 KEEP_LIBRARIES = 8
+DEFAULT_MAX_GB = 8.0  # a frozen SD1.5 package's library is 3.4 GB, SDXL's 10 GB: a count alone filled disks
 _CHUNK = 1 << 24
 # Members a CPU package may hold besides its one library; anything else (CUDA kernel binaries, weights stored
 # outside the library, custom objects) means torch's own loader must read the package.
@@ -150,10 +152,13 @@ def _verify_or_extract(path: str, z: zipfile.ZipFile, member: zipfile.ZipInfo, l
             while src.read(_CHUNK):  # zipfile raises BadZipFile at the end if the CRC-32 differs
                 pass
         return
+    lib_root = os.path.dirname(os.path.dirname(library))
+    os.makedirs(lib_root, exist_ok=True)
+    _prune(lib_root, incoming_bytes=member.file_size)  # room first: the new library may not fit beside the old
     os.makedirs(os.path.dirname(library), exist_ok=True)
     with atomic_file(library, suffix=".so") as tmp, z.open(member) as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, _CHUNK)  # zipfile checks the CRC when the member ends
-    _prune(os.path.dirname(os.path.dirname(library)))
+    _prune(lib_root, keep=os.path.basename(os.path.dirname(library)))
 
 
 def _identity(path: str) -> dict:
@@ -179,14 +184,34 @@ def _remember(path: str, record: dict) -> None:
     write_atomic(_record_path(path), json.dumps(record))
 
 
-def _prune(lib_root: str) -> None:
-    """Keep the KEEP_LIBRARIES most recently used libraries (a process that mapped a removed one keeps it)."""
+def max_cache_bytes() -> int:
+    raw = os.environ.get("COMPILED_UNET_CACHE_MAX_GB", "")
+    try:
+        gb = float(raw) if raw else DEFAULT_MAX_GB
+    except ValueError:  # a cache size is not worth failing a load for, but it is worth saying
+        warnings.warn(f"compiled_unet: COMPILED_UNET_CACHE_MAX_GB={raw!r} is not a number of gigabytes (e.g. 8 or "
+                      f"20.5); using {DEFAULT_MAX_GB:g}", RuntimeWarning, stacklevel=2)
+        gb = DEFAULT_MAX_GB
+    return int(gb * 1e9)
+
+
+def _prune(lib_root: str, incoming_bytes: int = 0, keep: str | None = None) -> None:
+    """Keep the most recently used libraries within KEEP_LIBRARIES and max_cache_bytes(), counting
+    `incoming_bytes` of a library about to be written; `keep` (the one just written) always stays.
+    A process that mapped a removed library keeps it until it exits."""
     entries = []
     for name in os.listdir(lib_root):
         with contextlib.suppress(OSError):
-            entries.append((os.stat(os.path.join(lib_root, name)).st_mtime, name))
-    for _, name in sorted(entries, reverse=True)[KEEP_LIBRARIES:]:
-        shutil.rmtree(os.path.join(lib_root, name), ignore_errors=True)
+            folder = os.path.join(lib_root, name)
+            size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+            entries.append((name == keep, os.stat(folder).st_mtime, size, name))
+    budget, count = max_cache_bytes() - incoming_bytes, KEEP_LIBRARIES - (1 if incoming_bytes else 0)
+    for kept, _, size, name in sorted(entries, reverse=True):  # the one to keep first, then newest first
+        if kept or (count > 0 and size <= budget):
+            budget, count = budget - size, count - 1
+        else:
+            budget = -1  # older libraries than one that does not fit go too: strictly most recently used
+            shutil.rmtree(os.path.join(lib_root, name), ignore_errors=True)
     seen = os.path.join(os.path.dirname(lib_root), "seen")
     for name in os.listdir(seen) if os.path.isdir(seen) else ():
         record = os.path.join(seen, name)
