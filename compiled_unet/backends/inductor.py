@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import zipfile
 from typing import Any, Mapping
@@ -147,6 +148,12 @@ def _frozen_refusal(options: InductorOptions) -> str | None:
     return None
 
 
+# One Inductor compile at a time per process: `torch._inductor.config.patch` is process-wide (two threads compiling
+# with different options would mix them), and `aot_compile` releases the frozen weights of the graphs made while it
+# ran, which must not include another compile's.
+_COMPILING = threading.RLock()
+
+
 class JitRunner:
     """`torch._inductor.compile` of the optimized program's flat module, compiled on the example inputs."""
 
@@ -167,7 +174,7 @@ class JitRunner:
         t0 = time.perf_counter()
         # Some entries (notably `freezing`, which enables CPU weight prepacking into oneDNN kernels) are read
         # outside compile_fx's own config patch, so they are set while it compiles; freezing needs grad off.
-        with torch.no_grad(), torch._inductor.config.patch(options.config()):
+        with _COMPILING, torch.no_grad(), torch._inductor.config.patch(options.config()):
             if options.freezing:  # freezing folds weights with their values: it needs the real tensors
                 self.compiled = torch._inductor.compile(self.module, flat, options.config())
             else:
@@ -331,11 +338,12 @@ def aot_compile(ep: torch.export.ExportedProgram, options: InductorOptions, pack
     _check_aoti_available()
     cfg = options.config()
     cfg["aot_inductor.metadata"] = dict(metadata)
-    graph_modules_before = _graph_module_ids()
-    # Inductor applies freezing (and with it CPU weight prepacking) only when grad mode is off.
-    with torch.no_grad():
-        path = torch._inductor.aoti_compile_and_package(ep, package_path=package_path, inductor_configs=cfg)
-    _drop_frozen_constants(graph_modules_before)
+    with _COMPILING:  # the release below must only see this compile's graphs
+        graph_modules_before = _graph_module_ids()
+        # Inductor applies freezing (and with it CPU weight prepacking) only when grad mode is off.
+        with torch.no_grad():
+            path = torch._inductor.aoti_compile_and_package(ep, package_path=package_path, inductor_configs=cfg)
+        _drop_frozen_constants(graph_modules_before)
     return path
 
 
