@@ -347,8 +347,12 @@ def aot_compile(ep: torch.export.ExportedProgram, options: InductorOptions, pack
     return path
 
 
+def _live_graph_modules() -> list[torch.fx.GraphModule]:
+    return [o for o in gc.get_objects() if issubclass(type(o), torch.fx.GraphModule)]
+
+
 def _graph_module_ids() -> set[int]:
-    return {id(o) for o in gc.get_objects() if issubclass(type(o), torch.fx.GraphModule)}
+    return {id(gm) for gm in _live_graph_modules()}
 
 
 def _drop_frozen_constants(graph_modules_before: set[int]) -> int:
@@ -359,7 +363,7 @@ def _drop_frozen_constants(graph_modules_before: set[int]) -> int:
     top of which loading the package peaked at 4.2x the weights (benchmarks/NOTES.md). The package is written
     and holds its own copy; nothing runs these graphs again."""
     released = 0
-    for gm in [o for o in gc.get_objects() if issubclass(type(o), torch.fx.GraphModule) and id(o) not in graph_modules_before]:
+    for gm in [gm for gm in _live_graph_modules() if id(gm) not in graph_modules_before]:
         for name in [k for k in gm._buffers if k.startswith("_frozen_param")]:
             t = gm._buffers.pop(name)
             released += t.numel() * t.element_size() if t is not None else 0
