@@ -226,23 +226,38 @@ class PassContext:
 
     def remove_unused_inputs(self) -> int:
         """Drop parameter/buffer/constant placeholders nothing reads, with their tensors."""
-        dropped = []
-        for node in self.gm.graph.find_nodes(op="placeholder"):
-            s = self.spec(node)
-            if node.users or s is None or s.kind in (InputKind.USER_INPUT, InputKind.TOKEN, InputKind.CUSTOM_OBJ):
-                continue
-            if s.target in self._mutated:
-                continue
-            dropped.append(s)
-            del self._spec_of[node.name]
-            self._targets.discard(s.target)
-            self.state_dict.pop(s.target, None)
-            self.constants.pop(s.target, None)
-            self.gm.graph.erase_node(node)
+        dropped = [s for s in map(self._pop_unused_input, self.gm.graph.find_nodes(op="placeholder")) if s]
         if dropped:
             ids = {id(s) for s in dropped}
             self.input_specs[:] = [s for s in self.input_specs if id(s) not in ids]
         return len(dropped)
+
+    def release(self, node: fx.Node) -> None:
+        """Erase `node` if nothing reads it, and the views above it, down to the weight they read, which is
+        dropped at once when unused: its memory then serves the pass's next allocation instead of waiting
+        for the clean-up after the pass (prepack_onednn frees each fused QKV weight as it packs it)."""
+        while node.op == "call_function" and not node.users and is_view_op(node.target):
+            base = node.args[0]
+            self.gm.graph.erase_node(node)
+            node = base
+        spec = self._pop_unused_input(node) if node.op == "placeholder" else None
+        if spec is not None:
+            self.input_specs[:] = [s for s in self.input_specs if s is not spec]
+
+    def _pop_unused_input(self, node: fx.Node) -> InputSpec | None:
+        """Erase an unused weight placeholder and drop its tensor; returns its spec (still in input_specs),
+        or None when the node is read, a user input, or a weight the program writes."""
+        s = self.spec(node)
+        if node.users or s is None or s.kind in (InputKind.USER_INPUT, InputKind.TOKEN, InputKind.CUSTOM_OBJ):
+            return None
+        if s.target in self._mutated:
+            return None
+        del self._spec_of[node.name]
+        self._targets.discard(s.target)
+        self.state_dict.pop(s.target, None)
+        self.constants.pop(s.target, None)
+        self.gm.graph.erase_node(node)
+        return s
 
     # ----- creating nodes
     def call(self, target: Callable, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:
@@ -291,10 +306,12 @@ class PassContext:
         return [p for p in deps if p.op == "placeholder" and not self.is_frozen(p)]
 
     def evaluate(self, node: fx.Node, overrides: dict[fx.Node, Any] | None = None,
-                 max_nodes: int = 200, at: fx.Node | None = None) -> torch.Tensor | None:
+                 max_nodes: int = 200, at: fx.Node | None = None, may_alias: bool = False) -> torch.Tensor | None:
         """Compute `node` from frozen tensors only (replaying in-place writes before it); None if it
         depends on a user input, a non-frozen buffer, a random op, or more than max_nodes nodes.
-        `at`: the node reading the value (in-place writes before it count), default `node` itself."""
+        `at`: the node reading the value (in-place writes before it count), default `node` itself.
+        may_alias: the result may be a view of a weight (for a caller that reads it at once and keeps only
+        what it derives), else a result that is a view of a weight comes back as a copy."""
         overrides = overrides or {}
         needed = self.dependencies(node, set(overrides), max_nodes, at)
         if needed is None:
@@ -311,12 +328,15 @@ class PassContext:
                     return None
                 if torch.Tag.nondeterministic_seeded in n.target.tags:
                     return None
+        # Only weights that a replayed in-place write changes are cloned: a clone of every weight read
+        # (e.g. each conv weight prepack_onednn packs) doubles the passes' transient memory for nothing.
+        written = {view_base(mutated_arg(n)) for n in needed if mutated_arg(n) is not None}
         env: dict[fx.Node, Any] = {}
         for n in sorted(needed):  # graph order
             if n in overrides:
                 env[n] = overrides[n]
             elif n.op == "placeholder":
-                env[n] = self.tensor(n).detach().clone()
+                env[n] = self.tensor(n).detach().clone() if n in written else self.tensor(n).detach()
             else:
                 args = fx.map_arg(n.args, env.__getitem__)
                 kwargs = fx.map_arg(n.kwargs, env.__getitem__)
@@ -326,7 +346,18 @@ class PassContext:
                     log.debug("evaluate %s failed: %s", n, e)
                     return None
         out = env[node]
-        return out if isinstance(out, torch.Tensor) else None
+        if not isinstance(out, torch.Tensor):
+            return None
+        if may_alias or out.layout != torch.strided:
+            return out
+        # What a pass keeps must not change when the model's weights are later written in place.
+        weights = {_storage(self.tensor(n)) for n in needed
+                   if n.op == "placeholder" and n not in overrides and n not in written}
+        return out.clone() if _storage(out) in weights else out
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    return t.untyped_storage().data_ptr() if t.layout == torch.strided else None
 
 
 def set_fake_val(node: fx.Node, fake_mode: Any) -> None:

@@ -42,7 +42,7 @@ def prepack_onednn(gm: fx.GraphModule, ctx) -> int:
         xv = x.meta.get("val")
         if xv is None or xv.ndim != 4 or xv.dtype != torch.float32 or isinstance(padding, str):
             continue
-        weight = ctx.evaluate(w)
+        weight = ctx.evaluate(w, may_alias=True)  # read once here: no copy of each weight
         if weight is None or weight.dtype != torch.float32:
             continue
         stride, padding, dilation = (list(v) if isinstance(v, (list, tuple)) else [v, v]
@@ -57,6 +57,8 @@ def prepack_onednn(gm: fx.GraphModule, ctx) -> int:
                          (x, pw, b, padding, stride, dilation, groups, "none", [], ""), like=node)
         node.replace_all_uses_with(y)
         gm.graph.erase_node(node)
+        del weight
+        ctx.release(w)  # the unpacked weight goes now if nothing else reads it (a fused QKV weight)
         n += 1
     log.info("prepack_onednn: %d convolution(s) on packed weights", n)
     return n

@@ -98,3 +98,68 @@ def test_weight_swap_refuses_packed_constants_it_cannot_reach():
             derived = compiled.derive_weights(new_weights)
             assert set(derived) == set(optimized.state_dict)
             assert torch.equal(derived["conv.weight"], new_weights["conv.weight"])
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(c, c, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        return self.to_q(x) * self.to_k(x) + self.to_v(x)
+
+
+class TwoAttentions(torch.nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.a, self.b = _Attn(c), _Attn(c)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_fused_weights_are_freed_as_they_are_packed(monkeypatch):
+    """Memory: each fused Q/K/V weight (made by fuse_qkv, read only by its conv) is dropped as soon as
+    prepack_onednn has packed it, so the next packed weight can reuse its memory; the original Q/K/V weights
+    stay (the model owns them); and the result matches the model (fp32 max-abs <= 1e-5 x max(1, |ref|))."""
+    model, x = TwoAttentions().eval(), torch.randn(1, 8, 16)
+    seen, contexts = [], []
+    reorder = torch.ops.mkldnn._reorder_convolution_weight
+
+    def spy_reorder(*args):
+        seen.append(sorted(k for k in contexts[0].state_dict if "to_qkv" in k))
+        return reorder(*args)
+
+    def prepack(gm, ctx):
+        contexts.append(ctx)
+        return passes.prepack_onednn(gm, ctx)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_convolution_weight", spy_reorder)
+    out, report = passes.optimize(torch.export.export(model, (x,)),
+                                  [passes.fuse_qkv, passes.linear_to_conv1x1, prepack])
+    assert report["fuse_qkv"] == 2 and report["prepack"] == 2
+    assert seen == [["a.to_qkv.weight", "b.to_qkv.weight"], ["b.to_qkv.weight"]]
+    with torch.no_grad():
+        assert_close(out.module()(x), model(x), scale_tol=1e-5)
+
+
+def test_evaluate_copies_only_what_a_pass_keeps():
+    """PassContext.evaluate reads weights without cloning them; a result that is a view of a weight comes back
+    as a copy (what a pass keeps must not follow later in-place writes to the model), unless may_alias."""
+    model = torch.nn.Linear(4, 4).eval()
+    seen = {}
+
+    def probe(gm, ctx):
+        w = next(n for n in gm.graph.find_nodes(op="placeholder") if ctx.fqn(n) == "weight")
+        with gm.graph.inserting_after(w):
+            t = ctx.call(torch.ops.aten.t.default, (w,))
+        seen["copy"], seen["alias"] = ctx.evaluate(t), ctx.evaluate(t, may_alias=True)
+        gm.graph.erase_node(t)
+        return 0
+
+    passes.optimize(torch.export.export(model, (torch.randn(2, 4),)), [probe])
+    weight = model.weight.detach()
+    for t in seen.values():
+        assert torch.equal(t, weight.t())
+    assert seen["alias"].untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+    assert seen["copy"].untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
