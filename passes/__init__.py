@@ -4,7 +4,8 @@ Every pass is a callable ``pass_fn(gm: torch.fx.GraphModule, ctx: PassContext) -
 ``gm.graph`` in place and returns how many rewrites it made (0 is reported, never hidden). A pass
 creates nodes with ``ctx.call`` (which sets ``node.meta["val"]``) and weights with ``ctx.add_constant`` /
 ``ctx.add_parameter`` (which register them in the program's graph signature). After each pass the runner
-removes dead writes, dead code and unused weights, lints and recompiles.
+removes dead writes, dead code and unused weights and lints; the module's code is regenerated once, after the
+last pass.
 
     from compiled_unet import passes     # the repo's passes/ folder, installed as compiled_unet.passes
     ep2, report = passes.optimize(torch.export.export(unet, args, kwargs))

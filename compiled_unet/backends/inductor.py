@@ -32,6 +32,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import DamagedArtifact
 from .aoti_library import load_library_model
+from .vec_isa import vec_isa_config
 
 FORMAT = "compiled_unet.inductor-aot/1"
 META_KEY = "compiled_unet"          # the AOTInductor metadata entry holding the artifact document (JSON)
@@ -172,14 +173,15 @@ class JitRunner:
         args, kwargs = self.prepare(args, kwargs)
         flat = list(self.weights.values()) + pytree.tree_flatten((args, kwargs))[0]
         t0 = time.perf_counter()
+        cfg = _compile_config(options, ep)
         # Some entries (notably `freezing`, which enables CPU weight prepacking into oneDNN kernels) are read
         # outside compile_fx's own config patch, so they are set while it compiles; freezing needs grad off.
-        with _COMPILING, torch.no_grad(), torch._inductor.config.patch(options.config()):
+        with _COMPILING, torch.no_grad(), torch._inductor.config.patch(cfg):
             if options.freezing:  # freezing folds weights with their values: it needs the real tensors
-                self.compiled = torch._inductor.compile(self.module, flat, options.config())
+                self.compiled = torch._inductor.compile(self.module, flat, cfg)
             else:
                 with _static_fake_inputs(flat) as fake:
-                    self.compiled = torch._inductor.compile(self.module, fake, options.config())
+                    self.compiled = torch._inductor.compile(self.module, fake, cfg)
         self.compile_seconds = time.perf_counter() - t0
         self._weight_list = list(self.weights.values())
 
@@ -248,6 +250,14 @@ def _static_fake_inputs(flat: list):
     fake = [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in flat]
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
         yield fake
+
+
+def _compile_config(options: InductorOptions, ep: torch.export.ExportedProgram) -> dict[str, Any]:
+    """Inductor config for compiling `ep`: the options' entries, and on CPU the recorded SIMD probe."""
+    cfg = options.config()
+    if _program_device(ep).type == "cpu":
+        cfg = {**vec_isa_config(), **cfg}  # an explicit inductor_config entry wins
+    return cfg
 
 
 def _program_device(ep: torch.export.ExportedProgram) -> torch.device:
@@ -336,7 +346,7 @@ def aot_compile(ep: torch.export.ExportedProgram, options: InductorOptions, pack
                 metadata: Mapping[str, str]) -> str:
     """AOTInductor-compile `ep` into a `.pt2` at `package_path` (written in place; callers rename)."""
     _check_aoti_available()
-    cfg = options.config()
+    cfg = _compile_config(options, ep)
     cfg["aot_inductor.metadata"] = dict(metadata)
     with _COMPILING:  # the release below must only see this compile's graphs
         graph_modules_before = _graph_module_ids()
