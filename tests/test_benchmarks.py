@@ -123,16 +123,3 @@ def test_cli_bench_routes_to_benchmarks(capsys):
         cli.main(["bench", "--variants", "nope"])
     assert e.value.code == 2
     assert "unknown variant 'nope'" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_regional_experiment_runs_and_matches_eager():
-    """benchmarks/regional_experiment.py on the tiny preset (one cold compile of its parts): the stitched,
-    shared-code graph equals eager (rel L2 <= 1e-5) and parts with one structure share their compile."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "regional_experiment.py"), "tiny", "8"],
-                          capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rec = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert rec["rel_l2"] <= 1e-5
-    assert 0 < rec["distinct"] < rec["parts"]  # the tiny UNet repeats some blocks (17 distinct of 20)
-    assert rec["median_ms"] > 0 and rec["compile_first_call_s"] > 0

@@ -8,14 +8,16 @@ from compiled_unet.cli import main
 
 
 def test_demo_tiny_reports_ok_and_writes_an_artifact(capsys, tmp_path):
+    # The README's demo as CI's main job runs it (tiny preset at its own 16x16 latent): the graphs it compiles
+    # are those the main job compiled, so in CI Inductor's cache makes this test cheap.
     artifact = tmp_path / "demo.pt2"
-    assert main(["demo", "--preset", "tiny", "--repeats", "1", "--size", "8", "--artifact", str(artifact)]) == 0
+    assert main(["demo", "--preset", "tiny", "--repeats", "1", "--artifact", str(artifact)]) == 0
     out = capsys.readouterr().out
     assert "(tolerance 1e-4): OK" in out and "compiled ms" in out and f"artifact: {artifact}" in out
     assert artifact.stat().st_size > 0
     # The README's serving step: run the artifact the demo wrote.
     assert main(["run", str(artifact), "--repeats", "1"]) == 0
-    assert "shape (1, 4, 8, 8) -> (1, 4, 8, 8) float32" in capsys.readouterr().out
+    assert "shape (1, 4, 16, 16) -> (1, 4, 16, 16) float32" in capsys.readouterr().out
 
 
 def test_unknown_preset_is_one_line_error():
@@ -62,11 +64,12 @@ def test_compile_then_run_with_given_inputs(capsys, tmp_path):
 
     from compiled_unet.presets import build_random
     artifact = tmp_path / "tiny.pt2"
-    assert main(["compile", "--preset", "tiny", "--shapes", "2x8x8", "-o", str(artifact)]) == 0
+    # The demo's shape (batch 1, 16x16, 8 tokens): in CI, the main job's demo compiled this graph already.
+    assert main(["compile", "--preset", "tiny", "--shapes", "1x16x16", "-o", str(artifact)]) == 0
     assert f"artifact: {artifact}" in capsys.readouterr().out
     g = torch.Generator().manual_seed(3)
-    inputs = {"sample": torch.randn(2, 4, 8, 8, generator=g), "timestep": torch.tensor([10.0, 900.0]),
-              "encoder_hidden_states": torch.randn(2, 8, 32, generator=g)}
+    inputs = {"sample": torch.randn(1, 4, 16, 16, generator=g), "timestep": torch.tensor([900.0]),
+              "encoder_hidden_states": torch.randn(1, 8, 32, generator=g)}
     save_file(inputs, str(tmp_path / "in.safetensors"))
     out_path = tmp_path / "out.safetensors"
     assert main(["run", str(artifact), "--inputs", str(tmp_path / "in.safetensors"), "--output", str(out_path),
