@@ -67,7 +67,8 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
         folder is warm (SD1.5 32x32 on CPU: 21 s instead of 120 s; weights are inputs, so other weights hit
         too). Copied to another machine with the same torch version and CPU ISA, the folder makes the compile
         there warm as well; anything that differs (torch, ISA, compiler flags) is part of Inductor's keys and
-        simply misses (a cold compile, never a wrong kernel).
+        simply misses (a cold compile, never a wrong kernel). AOT packages are kept there too, by content
+        (backends/package_cache.py): the same program, weights and options again is a copy of the package.
     With FreeU enabled on our UNet, its scales become graph inputs: the compiled UNet's `enable_freeu` /
     `disable_freeu` then change them without a recompile.
     """

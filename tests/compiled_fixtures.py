@@ -12,6 +12,7 @@ import functools
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 import pytest
 import torch
@@ -59,7 +60,10 @@ def jit_compiled():
 def buckets():
     from compiled_unet.buckets import compile_buckets
 
-    return compile_buckets(tiny()[0], [bucket_example(i) for i in range(len(BUCKET_SHAPES))])
+    # Always compiled, never copied from the package cache (backends/package_cache.py): tests examine what an AOT
+    # compile leaves behind (test_aot_compile_keeps_no_frozen_weights_alive), which a cache hit would skip.
+    with mock.patch.dict(os.environ, {"COMPILED_UNET_PACKAGE_CACHE": "0"}):
+        return compile_buckets(tiny()[0], [bucket_example(i) for i in range(len(BUCKET_SHAPES))])
 
 
 def _scratch_dir() -> str:

@@ -31,6 +31,7 @@ import torch._inductor.config  # noqa: F401 - patched while the first call compi
 import torch.utils._pytree as pytree
 
 from ..errors import DamagedArtifact
+from . import package_cache
 from .aoti_library import load_library_model
 from .vec_isa import vec_isa_config
 
@@ -344,9 +345,13 @@ def _check_aoti_available():
 
 def aot_compile(ep: torch.export.ExportedProgram, options: InductorOptions, package_path: str,
                 metadata: Mapping[str, str]) -> str:
-    """AOTInductor-compile `ep` into a `.pt2` at `package_path` (written in place; callers rename)."""
+    """AOTInductor-compile `ep` into a `.pt2` at `package_path` (written in place; callers rename), or copy the
+    package an earlier compile of the same program, weights and options made (backends/package_cache.py)."""
     _check_aoti_available()
     cfg = _compile_config(options, ep)
+    key = package_cache.package_key(ep, cfg, metadata) if package_cache.enabled() else None
+    if key is not None and package_cache.lookup(key, package_path):
+        return package_path
     cfg["aot_inductor.metadata"] = dict(metadata)
     with _COMPILING:  # the release below must only see this compile's graphs
         graph_modules_before = _graph_module_ids()
@@ -354,6 +359,8 @@ def aot_compile(ep: torch.export.ExportedProgram, options: InductorOptions, pack
         with torch.no_grad():
             path = torch._inductor.aoti_compile_and_package(ep, package_path=package_path, inductor_configs=cfg)
         _drop_frozen_constants(graph_modules_before)
+    if key is not None:
+        package_cache.store(key, path)
     return path
 
 

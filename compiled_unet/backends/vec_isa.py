@@ -42,16 +42,11 @@ def vec_isa_config() -> dict:
     flags = cpu_vec_isa.x86_isa_checker()
     listed = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
               if all(flag in flags for flag in str(isa).split())]
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        compiler = os.path.realpath(shutil.which(get_cpp_compiler()) or get_cpp_compiler())
-        stat = os.stat(compiler)
-    except Exception as e:  # no compiler found: Inductor's own error is the clear one
-        log.debug("vec_isa: no compiler identity (%s); Inductor probes", e)
+    identity = compiler_identity()
+    if identity is None:  # no compiler found: Inductor's own error is the clear one
         return {}
-    key = hashlib.sha256(json.dumps([torch.__version__, compiler, stat.st_size, stat.st_mtime_ns, sorted(flags),
-                                     listed]).encode()).hexdigest()[:32]
+    compiler = identity[0]
+    key = hashlib.sha256(json.dumps([torch.__version__, *identity, sorted(flags), listed]).encode()).hexdigest()[:32]
     record = os.path.join(cache_dir(), "compiled_unet_vec_isa", key + ".json")
     try:
         with open(record) as f:
@@ -62,3 +57,17 @@ def vec_isa_config() -> dict:
         write_atomic(record, json.dumps({"listed": listed, "valid": valid, "all_valid": all_valid,
                                          "torch": torch.__version__, "compiler": compiler}))
     return {"cpp.vec_isa_ok": True} if all_valid else {}
+
+
+def compiler_identity() -> tuple[str, int, int] | None:
+    """(path, size, modification time) of the C++ compiler Inductor runs, or None when there is none: what
+    records of compiled results are keyed by (another compiler binary is another key)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        compiler = os.path.realpath(shutil.which(get_cpp_compiler()) or get_cpp_compiler())
+        stat = os.stat(compiler)
+    except Exception as e:  # noqa: BLE001 - whatever Inductor raises without a compiler
+        log.debug("no C++ compiler identity (%s)", e)
+        return None
+    return compiler, stat.st_size, stat.st_mtime_ns

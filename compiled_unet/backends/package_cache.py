@@ -1,0 +1,175 @@
+"""AOTInductor packages cached by content: compiling the same program with the same weights and options again
+copies the package from the cache instead of lowering and building it again.
+
+Inductor caches what a jit compile makes (FX graphs, C++ kernels), but an AOTInductor compile always lowers the
+whole graph and builds one library of all kernels and the wrapper (the tiny preset: 30-45 s with every kernel
+already cached), and a frozen package embeds the weights, which Inductor's caches never key. Here the finished
+`.pt2` is kept under a key of everything it is a function of (SD1.5 32x32 on 2 cores: a 111 s compile, then
+15.5 s for the same UNet in a new process: the key reads every weight, ~3 s; the copy is checked and loaded):
+  * the program: the code of every graph module, the graph signature, the input/output tree specs, the example
+    inputs' metadata, and every weight and constant (name, dtype, shape, stride and bytes: a frozen package holds
+    them, so one changed value is another package);
+  * the compile: the Inductor config entries we pass and Inductor's, functorch's global configs (what a user
+    set process-wide), torch's version and build, float32 matmul precision and oneDNN switches;
+  * the machine: the C++ compiler binary, the CPU's ISA flags, the Python version, and this module's and
+    the Inductor backend's source (a change to how we compile is a new key);
+  * the artifact document stored inside the package (signature, config, options, FreeU scales).
+What is not covered (a tensor subclass or layout we cannot read, a program on a device other than CPU/CUDA)
+is simply not cached. A cached package is checked (zip checksums) before use; a damaged one is removed and
+compiled again. Entries live under Inductor's cache folder (`compiled_unet_packages/`), so a fresh Inductor
+cache is a cold compile here too, and `compile(cache_dir=...)` carries them. Kept: the most recently used
+eight, within COMPILED_UNET_CACHE_MAX_GB gigabytes (default 8); COMPILED_UNET_PACKAGE_CACHE=0 turns it off.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import zipfile
+from typing import Any, Mapping
+
+import torch
+import torch.utils._pytree as pytree
+
+from .._atomic import atomic_file
+from .aoti_library import KEEP_LIBRARIES, max_cache_bytes
+from .vec_isa import compiler_identity
+
+log = logging.getLogger("compiled_unet")
+
+FOLDER = "compiled_unet_packages"
+_SOURCES = (__file__, os.path.join(os.path.dirname(__file__), "inductor.py"))
+
+
+def enabled() -> bool:
+    return os.environ.get("COMPILED_UNET_PACKAGE_CACHE", "1") != "0"
+
+
+def package_key(ep: torch.export.ExportedProgram, inductor_config: Mapping[str, Any],
+                metadata: Mapping[str, str]) -> str | None:
+    """The content key of the package `aot_compile(ep, ...)` would write, or None when `ep` holds something
+    this key cannot read (then nothing is cached)."""
+    h = hashlib.sha256()
+
+    def add(*parts) -> None:
+        h.update(json.dumps(parts, sort_keys=True, default=repr).encode())
+        h.update(b"\0")
+
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_global_config
+
+    add("compiled_unet.package/1", torch.__version__, torch.version.git_version, sys.version,
+        torch.get_float32_matmul_precision(), torch.backends.mkldnn.enabled,
+        torch.are_deterministic_algorithms_enabled(), compiler_identity(), _cpu_flags())
+    for path in _SOURCES:
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    add(dict(inductor_config), inductor_global_config.save_config_portable(),
+        functorch_config.save_config_portable(), dict(metadata))
+    add([m.code for m in ep.graph_module.modules() if isinstance(m, torch.fx.GraphModule)],
+        str(ep.graph_signature), str(ep.call_spec.in_spec), str(ep.call_spec.out_spec),
+        str(ep.range_constraints))
+    leaves = pytree.tree_leaves(ep.example_inputs)
+    add([_meta(v) if isinstance(v, torch.Tensor) else repr(v) for v in leaves])
+    for name, value in sorted({**ep.state_dict, **ep.constants}.items()):
+        if not isinstance(value, torch.Tensor):
+            return None  # a script object: its state is not ours to read
+        data = _tensor_bytes(value)
+        if data is None:
+            return None
+        add(name, _meta(value))
+        h.update(data)
+    return h.hexdigest()[:40]
+
+
+def lookup(key: str, package_path: str) -> bool:
+    """Copy the cached package for `key` to `package_path`; False when there is none (or it was damaged)."""
+    entry = _entry(key)
+    if not os.path.isfile(entry):
+        return False
+    try:
+        with zipfile.ZipFile(entry) as z:
+            damaged = z.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        damaged = f"{type(e).__name__}: {e}"
+    if damaged is not None:
+        log.warning("compiled_unet: cached package %s is damaged (%s); compiling again", entry, damaged)
+        with contextlib.suppress(OSError):
+            os.remove(entry)
+        return False
+    shutil.copyfile(entry, package_path)
+    with contextlib.suppress(OSError):
+        os.utime(entry)  # most recently used
+    return True
+
+
+def store(key: str, package_path: str) -> None:
+    """Keep a copy of the package just compiled (failures only cost the next compile its shortcut)."""
+    entry = _entry(key)
+    try:
+        _prune(os.path.dirname(entry), incoming_bytes=os.path.getsize(package_path))
+        with atomic_file(entry) as tmp:
+            shutil.copyfile(package_path, tmp)
+    except OSError as e:
+        log.warning("compiled_unet: could not cache the package in %s (%s)", entry, e)
+
+
+def folder() -> str:
+    """Where the packages are kept: inside Inductor's cache folder (a fresh one is a cold compile here too)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return os.path.join(cache_dir(), FOLDER)
+
+
+def _entry(key: str) -> str:
+    return os.path.join(folder(), key + ".pt2")
+
+
+def _prune(folder: str, incoming_bytes: int) -> None:
+    """Keep the most recently used packages within KEEP_LIBRARIES and max_cache_bytes(), room made for one of
+    `incoming_bytes`."""
+    entries = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        with contextlib.suppress(OSError):
+            st = os.stat(os.path.join(folder, name))
+            if name.endswith(".pt2") and not name.startswith("."):
+                entries.append((st.st_mtime, st.st_size, name))
+    budget, count = max_cache_bytes() - incoming_bytes, KEEP_LIBRARIES - 1
+    for _, size, name in sorted(entries, reverse=True):
+        if count > 0 and size <= budget:
+            budget, count = budget - size, count - 1
+        else:
+            budget = -1  # strictly most recently used: nothing older than a package that does not fit
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+def _meta(t: torch.Tensor) -> list:
+    return [str(t.dtype), list(t.shape), list(t.stride()) if t.layout == torch.strided else None, str(t.layout),
+            t.device.type]
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview | None:
+    """The tensor's values as bytes (row-major), or None for what we cannot read (subclasses, sparse, meta)."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type not in ("cpu", "cuda"):
+        return None
+    t = t.detach()
+    if t.is_mkldnn:
+        t = t.to_dense()  # oneDNN-packed weights: their logical values (the packing follows from them + the ISA)
+    elif t.layout != torch.strided:
+        return None
+    t = t.cpu().contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        return sorted(cpu_vec_isa.x86_isa_checker())
+    except Exception:  # not x86, or a torch without the checker: the compiler and torch still key the entry
+        return []

@@ -1,0 +1,105 @@
+"""AOTInductor packages cached by content (compiled_unet/backends/package_cache.py): the same program, weights
+and options compile once; anything the package depends on changes the key. One small AOT compile (a conv and
+a linear); the key tests compile nothing. Compiled vs eager: max-abs <= 1e-4 x scale (closeness.assert_close).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from closeness import assert_close
+from compiled_unet.backends import InductorOptions, package_cache
+from compiled_unet.backends.inductor import AotRunner
+
+
+class ConvLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.linear = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return (self.linear(self.conv(x).permute(0, 2, 3, 1)),)
+
+
+def _program(seed: int = 0):
+    torch.manual_seed(seed)
+    model = ConvLinear().eval()
+    x = torch.randn(1, 8, 8, 8)
+    return torch.export.export(model, (x,)), model, x
+
+
+@pytest.fixture
+def package_folder(tmp_path, monkeypatch):
+    """An empty package cache (Inductor's kernel cache stays the session's)."""
+    folder = tmp_path / "packages"
+    monkeypatch.setattr(package_cache, "folder", lambda: str(folder))
+    monkeypatch.delenv("COMPILED_UNET_PACKAGE_CACHE", raising=False)
+    return folder
+
+
+def test_second_compile_of_the_same_program_is_the_cached_package(package_folder, monkeypatch):
+    ep, model, x = _program()
+    options = InductorOptions(aot=True).resolve(torch.device("cpu"))
+    first = AotRunner.compile(ep, options, {})
+    assert len(os.listdir(package_folder)) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled again instead of using the cached package")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
+    again = AotRunner.compile(_program()[0], options, {})  # exported again: the same content, the same key
+    out_first, out_again = first(*first.prepare((x,), {}))[0], again(*again.prepare((x,), {}))[0]
+    assert torch.equal(out_first, out_again)
+    with torch.no_grad():
+        assert_close(out_again, model(x)[0])
+    # Other weights are another package: with the compiler refused, compiling them must fail.
+    with pytest.raises(AssertionError, match="compiled again"):
+        AotRunner.compile(_program(seed=1)[0], options, {})
+
+
+def test_switched_off_by_the_environment(package_folder, monkeypatch):
+    monkeypatch.setenv("COMPILED_UNET_PACKAGE_CACHE", "0")
+    assert not package_cache.enabled()
+    monkeypatch.setenv("COMPILED_UNET_PACKAGE_CACHE", "1")
+    assert package_cache.enabled()
+
+
+def test_key_covers_weights_options_document_and_toolchain(monkeypatch):
+    ep = _program()[0]
+    key = package_cache.package_key(ep, {"freezing": True}, {"doc": "a"})
+    assert key == package_cache.package_key(_program()[0], {"freezing": True}, {"doc": "a"})  # deterministic
+    assert key != package_cache.package_key(ep, {"freezing": False}, {"doc": "a"})
+    assert key != package_cache.package_key(ep, {"freezing": True}, {"doc": "b"})
+    changed = _program()[0]
+    with torch.no_grad():
+        changed.state_dict["linear.bias"][3] += 1e-7  # one value of one weight
+    assert key != package_cache.package_key(changed, {"freezing": True}, {"doc": "a"})
+    with monkeypatch.context() as m:
+        m.setattr(torch._inductor.config, "epilogue_fusion", not torch._inductor.config.epilogue_fusion)
+        assert key != package_cache.package_key(ep, {"freezing": True}, {"doc": "a"})  # a user's global config
+    with monkeypatch.context() as m:
+        m.setattr(package_cache, "compiler_identity", lambda: ("/usr/bin/other-g++", 1, 2))
+        assert key != package_cache.package_key(ep, {"freezing": True}, {"doc": "a"})
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", "0.0.0")
+        assert key != package_cache.package_key(ep, {"freezing": True}, {"doc": "a"})
+
+
+def test_tensors_the_key_cannot_read_are_not_cached():
+    assert package_cache._tensor_bytes(torch.randn(4, 4).to_sparse()) is None
+    assert package_cache._tensor_bytes(torch.empty(3, device="meta")) is None
+    dense = torch.randn(2, 3)
+    assert bytes(package_cache._tensor_bytes(dense.t())) == bytes(package_cache._tensor_bytes(dense.t().contiguous()))
+    if torch.backends.mkldnn.is_available():  # oneDNN-packed weights key by their values
+        assert bytes(package_cache._tensor_bytes(dense.to_mkldnn())) == bytes(package_cache._tensor_bytes(dense))
+
+
+def test_a_damaged_cached_package_is_removed_not_used(package_folder, tmp_path):
+    os.makedirs(package_folder)
+    entry = package_folder / ("0" * 40 + ".pt2")
+    entry.write_bytes(b"PK\x03\x04 not really a zip")
+    assert package_cache.lookup("0" * 40, str(tmp_path / "out.pt2")) is False
+    assert not entry.exists() and not (tmp_path / "out.pt2").exists()
