@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import torch
 import torch._inductor.config  # noqa: F401 - patched while the first call compiles
 import torch.utils._pytree as pytree
+from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import DamagedArtifact
 from . import package_cache
@@ -164,13 +165,20 @@ class JitRunner:
 
     def __init__(self, ep: torch.export.ExportedProgram, options: InductorOptions, args: tuple, kwargs: dict):
         self.options, self.program = options, ep
-        self.module, self.in_spec, self.out_spec = _flat_module(ep)
-        if options.channels_last:
-            _to_channels_last(self.module)
-        # Unfrozen: weights become leading inputs of the compiled graph, so that the graph holds no tensor
-        # and Inductor's FX graph cache (keyed by the graph, not by weight values) serves a second process.
-        # Frozen: they stay attributes, which freezing folds into the compiled code.
-        self.weights: dict[str, torch.Tensor] = {} if options.freezing else _lift_weights(self.module)
+        # Unfrozen: weights are leading inputs of the compiled graph, so that the graph holds no tensor and
+        # Inductor's FX graph cache (keyed by the graph, not by weight values) serves a second process.
+        # Frozen: they are attributes, which freezing folds into the compiled code.
+        lifted = None if options.freezing else _weights_as_inputs(ep)
+        if lifted is not None:
+            self.module, self.weights = lifted
+            self.in_spec, self.out_spec = ep.call_spec.in_spec, ep.call_spec.out_spec
+            if options.channels_last:
+                _weights_to_channels_last(self.weights, ep)
+        else:
+            self.module, self.in_spec, self.out_spec = _flat_module(ep)
+            if options.channels_last:
+                _to_channels_last(self.module)
+            self.weights: dict[str, torch.Tensor] = {} if options.freezing else _lift_weights(self.module)
         args, kwargs = self.prepare(args, kwargs)
         flat = list(self.weights.values()) + pytree.tree_flatten((args, kwargs))[0]
         t0 = time.perf_counter()
@@ -295,6 +303,44 @@ def _flat_module(ep: torch.export.ExportedProgram):
     if n_inputs != in_spec.num_leaves:
         raise RuntimeError(f"flat module has {n_inputs} inputs for {in_spec.num_leaves} leaves")
     return m, in_spec, out_spec
+
+
+def _weights_as_inputs(ep: torch.export.ExportedProgram) -> tuple[torch.fx.GraphModule, dict] | None:
+    """The program's own graph as a module whose leading inputs are its weights, and {name: tensor} for them:
+    what `_flat_module` + `_lift_weights` give, without unlifting the weights into attributes (`ep.module()`
+    regenerates the module's code several times: ~2 s of a warm SD1.5 compile) and lifting them back. None when
+    the unlift has work to do: a program that writes its buffers, or holds tokens or script objects."""
+    sig = ep.graph_signature
+    if any(s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs):
+        return None
+    kinds = [s.kind for s in sig.input_specs]
+    if InputKind.TOKEN in kinds or InputKind.CUSTOM_OBJ in kinds:
+        return None
+    n_weights = sum(k != InputKind.USER_INPUT for k in kinds)
+    if InputKind.USER_INPUT in kinds[:n_weights]:
+        return None  # weights first, as torch.export lays them out
+    placeholders = ep.graph.find_nodes(op="placeholder")
+    tensors = {**ep.state_dict, **ep.constants}
+    weights: dict[str, torch.Tensor] = {}
+    for spec, node in zip(sig.input_specs[:n_weights], placeholders):
+        value = tensors.get(spec.target)
+        if getattr(spec.arg, "name", None) != node.name or not isinstance(value, torch.Tensor):
+            return None
+        weights[spec.target] = value
+    if len(placeholders) - n_weights != ep.call_spec.in_spec.num_leaves:
+        return None
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(ep.graph, {}))
+    return torch.fx.GraphModule(ep.graph_module, graph), weights  # root: what get_attr nodes name, if any
+
+
+def _weights_to_channels_last(weights: dict[str, torch.Tensor], ep: torch.export.ExportedProgram) -> None:
+    """`_to_channels_last` for lifted weights: 4-d parameters and buffers (not lifted constants, which the
+    unlifted module holds as plain attributes), as new tensors."""
+    for spec in ep.graph_signature.input_specs:
+        t = weights.get(spec.target)
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and t is not None and t.ndim == 4 and not t.is_mkldnn:
+            weights[spec.target] = t.detach().contiguous(memory_format=torch.channels_last)
 
 
 def _lift_weights(m: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
