@@ -72,3 +72,16 @@ def inputs_for(name: str, batch: int = 2, hw=(8, 8), seq: int = 5, seed: int = 1
 def build(name: str, seed: int = 0):
     from compiled_unet import UNet2DConditionModel
     return randomize_(UNet2DConditionModel(**{**BASE, **CONFIGS[name]}), seed).eval()
+
+
+class ConvLinear(torch.nn.Module):
+    """Not a UNet: one conv and one linear, for backend tests that need a compile in seconds (freezing,
+    packing, package caching)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.linear = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return (self.linear(self.conv(x).permute(0, 2, 3, 1)),)  # a tuple, as the UNet programs return

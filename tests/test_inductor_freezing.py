@@ -9,17 +9,8 @@ import pytest
 from torch._inductor.utils import run_and_get_code
 
 from compiled_unet.backends.inductor import InductorOptions, JitRunner
+from tests.cases import ConvLinear
 from tests.closeness import assert_close
-
-
-class ConvLinear(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(8, 16, 3, padding=1)
-        self.linear = torch.nn.Linear(16, 16)
-
-    def forward(self, x):
-        return (self.linear(self.conv(x).permute(0, 2, 3, 1)),)  # a tuple, as the UNet programs return
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")

@@ -9,19 +9,10 @@ import os
 import pytest
 import torch
 
+from cases import ConvLinear
 from closeness import assert_close
 from compiled_unet.backends import InductorOptions, package_cache
 from compiled_unet.backends.inductor import AotRunner
-
-
-class ConvLinear(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(8, 16, 3, padding=1)
-        self.linear = torch.nn.Linear(16, 16)
-
-    def forward(self, x):
-        return (self.linear(self.conv(x).permute(0, 2, 3, 1)),)
 
 
 def _program(seed: int = 0):
