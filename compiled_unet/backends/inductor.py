@@ -309,7 +309,8 @@ def _weights_as_inputs(ep: torch.export.ExportedProgram) -> tuple[torch.fx.Graph
     """The program's own graph as a module whose leading inputs are its weights, and {name: tensor} for them:
     what `_flat_module` + `_lift_weights` give, without unlifting the weights into attributes (`ep.module()`
     regenerates the module's code several times: ~2 s of a warm SD1.5 compile) and lifting them back. None when
-    the unlift has work to do: a program that writes its buffers, or holds tokens or script objects."""
+    the unlift has work to do: buffer writes returned as outputs (a functional program), tokens, script objects.
+    A write kept in the graph (`add_` on a buffer) updates the same tensor either way."""
     sig = ep.graph_signature
     if any(s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs):
         return None
