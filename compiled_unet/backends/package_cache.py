@@ -129,13 +129,13 @@ def _entry(key: str) -> str:
     return os.path.join(folder(), key + ".pt2")
 
 
-def _prune(folder: str, incoming_bytes: int) -> None:
+def _prune(root: str, incoming_bytes: int) -> None:
     """Keep the most recently used packages within KEEP_LIBRARIES and max_cache_bytes(), room made for one of
     `incoming_bytes`."""
     entries = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+    for name in os.listdir(root) if os.path.isdir(root) else ():
         with contextlib.suppress(OSError):
-            st = os.stat(os.path.join(folder, name))
+            st = os.stat(os.path.join(root, name))
             if name.endswith(".pt2") and not name.startswith("."):
                 entries.append((st.st_mtime, st.st_size, name))
     budget, count = max_cache_bytes() - incoming_bytes, KEEP_LIBRARIES - 1
@@ -145,7 +145,7 @@ def _prune(folder: str, incoming_bytes: int) -> None:
         else:
             budget = -1  # strictly most recently used: nothing older than a package that does not fit
             with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, name))
+                os.remove(os.path.join(root, name))
 
 
 def _meta(t: torch.Tensor) -> list:
