@@ -189,7 +189,7 @@ def probe_main(args) -> int:
         with PeakRss() as rss:
             b = build(args.probe, case, json.loads(args.ours_options) if args.ours_options else None, args.recipe_mode)
         rec = {"first_call_s": b.first_call_s, "weight_bytes": weight_bytes, "rss_before_compile": rss.before,
-               "rss_peak_compile": rss.peak}
+               "rss_peak_compile": rss.peak, "rss_peak_sampled": rss.sampled_peak, "rss_peak_exact": rss.exact}
         if args.probe_save and b.name == "ours-aot":
             import compiled_unet
 
@@ -344,12 +344,19 @@ def main(argv=None) -> int:
                     w, before, peak = rec["weight_bytes"], rec["rss_before_compile"], rec["rss_peak_compile"]
                     # Peak host memory of compiling, counting the model once: weights + what compiling added.
                     row["compile_memory"] = {"weight_bytes": w, "rss_before": before, "rss_peak": peak,
-                                             "peak_x_weights": (w + peak - before) / w, "rss_peak_x_weights": peak / w}
+                                             "peak_x_weights": (w + peak - before) / w, "rss_peak_x_weights": peak / w,
+                                             "peak_is_high_water_mark": rec.get("rss_peak_exact"),
+                                             "sampled_peak_x_weights": (w + rec["rss_peak_sampled"] - before) / w}
                 log(f"[{name}] warm compile in a fresh process ...")
                 row["compile_warm_s"] = run_probe(args, extra, cache)["first_call_s"]
                 if name == "ours-aot":
-                    # Two fresh processes: the first meets a file it has not seen (its checksums are read), the
-                    # second is a restart (compiled_unet's library cache; backends/aoti_library.py).
+                    # Fresh processes: a byte copy made outside compiled_unet (a file from elsewhere: its checksums
+                    # are read), the saved file's first load (save vouched for its copy), then a restart
+                    # (compiled_unet's library cache; backends/aoti_library.py).
+                    elsewhere = os.path.join(scratch, "copied-" + os.path.basename(pkg))
+                    shutil.copyfile(pkg, elsewhere)
+                    row["load_copied_s"] = run_probe(args, ["--probe-load", elsewhere], cache)["load_s"]
+                    os.remove(elsewhere)
                     rec = run_probe(args, ["--probe-load", pkg], cache)
                     row["load_first_s"] = rec["load_s"]
                     rec = run_probe(args, ["--probe-load", pkg], cache)

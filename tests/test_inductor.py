@@ -13,12 +13,14 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import zipfile
 
 import pytest
 import torch
 
 import compiled_unet
 from cases import build
+from closeness import assert_close
 from compiled_fixtures import (assert_close_to_eager, bucket_example, bundle_dir, compiled_buckets,  # noqa: F401
                                compiled_jit, inductor_cache_files, swappable_aot, tiny_model)
 from compiled_unet.backends import InductorOptions
@@ -181,6 +183,36 @@ def test_aot_compile_keeps_no_frozen_weights_alive(compiled_buckets):
     holding = [o for o in gc.get_objects() if issubclass(type(o), torch.fx.GraphModule)
                and any(k.startswith("_frozen_param") for k in o._buffers)]
     assert holding == []  # and the packages still match eager: test_aot_matches_eager, which runs after the drop
+
+
+def test_aot_package_written_from_a_file_mapping_is_torchs_archive(tmp_path, monkeypatch):
+    """`_compile_and_package` writes the compiled files into the archive from file mappings (torch's writer reads
+    each file whole and copies it again: SD1.5 +2x the weights); the archive must hold the same members as
+    torch's `aoti_compile_and_package` of the same program, and load through torch's loader to the same output."""
+    from cases import ConvLinear
+    from compiled_unet.backends import inductor
+
+    torch.manual_seed(0)
+    model, x = ConvLinear().eval(), torch.randn(1, 8, 8, 8)
+    ep = torch.export.export(model, (x,))
+    cfg = inductor._compile_config(InductorOptions(aot=True).resolve(torch.device("cpu")), ep)
+    monkeypatch.setattr(inductor, "_MAPPED_WRITE_BYTES", 0)  # every file through the mapping, however small
+    mapped, from_file = [], torch.UntypedStorage.from_file
+    monkeypatch.setattr(torch.UntypedStorage, "from_file",
+                        staticmethod(lambda f, *a, **k: (mapped.append(os.path.basename(f)), from_file(f, *a, **k))[1]))
+    ours = inductor._compile_and_package(ep, str(tmp_path / "ours.pt2"), dict(cfg))
+    assert any(name.endswith(".so") for name in mapped), mapped
+    with torch.no_grad():
+        theirs = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "theirs.pt2"),
+                                                          inductor_configs=dict(cfg))
+    with zipfile.ZipFile(ours) as a, zipfile.ZipFile(theirs) as b:
+        assert a.testzip() is None
+        members = [sorted(n.split("/", 1)[1] for n in z.namelist()) for z in (a, b)]  # under "ours/", "theirs/"
+        assert members[0] == members[1]
+    out_ours, out_theirs = (torch._inductor.aoti_load_package(p)(x) for p in (ours, theirs))
+    assert torch.equal(out_ours[0], out_theirs[0])
+    with torch.no_grad():
+        assert_close(out_ours[0], model(x)[0])
 
 
 def test_save_is_atomic_and_carries_signature(tmp_path, compiled_buckets):

@@ -5,13 +5,14 @@ a linear); the key tests compile nothing. Compiled vs eager: max-abs <= 1e-4 x s
 from __future__ import annotations
 
 import os
+import zipfile
 
 import pytest
 import torch
 
 from cases import ConvLinear
 from closeness import assert_close
-from compiled_unet.backends import InductorOptions, package_cache
+from compiled_unet.backends import InductorOptions, aoti_library, package_cache
 from compiled_unet.backends.inductor import AotRunner
 
 
@@ -24,9 +25,10 @@ def _program(seed: int = 0):
 
 @pytest.fixture
 def package_folder(tmp_path, monkeypatch):
-    """An empty package cache (Inductor's kernel cache stays the session's)."""
+    """An empty package cache and library cache (Inductor's kernel cache stays the session's)."""
     folder = tmp_path / "packages"
     monkeypatch.setattr(package_cache, "folder", lambda: str(folder))
+    monkeypatch.setenv("COMPILED_UNET_CACHE_DIR", str(tmp_path / "libraries"))
     monkeypatch.delenv("COMPILED_UNET_PACKAGE_CACHE", raising=False)
     return folder
 
@@ -41,9 +43,19 @@ def test_second_compile_of_the_same_program_is_the_cached_package(package_folder
         raise AssertionError("compiled again instead of using the cached package")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
+    monkeypatch.setattr(torch._inductor, "aot_compile", refuse)
+    read = []
+    real_testzip, real_verify = zipfile.ZipFile.testzip, aoti_library._verify_or_extract
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", lambda z: (read.append("entry"), real_testzip(z))[1])
+    monkeypatch.setattr(aoti_library, "_verify_or_extract", lambda *a: (read.append("copy"), real_verify(*a)))
     again = AotRunner.compile(_program()[0], options, {})  # exported again: the same content, the same key
+    # The entry is read once (its checksums); the copy handed out is vouched for, so loading it reads nothing.
+    assert read == ["entry"]
+    third = AotRunner.compile(_program()[0], options, {})
+    assert read == ["entry"], "an unchanged cache entry or the copy made of it was read again"
     out_first, out_again = first(*first.prepare((x,), {}))[0], again(*again.prepare((x,), {}))[0]
     assert torch.equal(out_first, out_again)
+    assert torch.equal(out_first, third(*third.prepare((x,), {}))[0])
     with torch.no_grad():
         assert_close(out_again, model(x)[0])
     # Other weights are another package: with the compiler refused, compiling them must fail.

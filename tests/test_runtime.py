@@ -166,8 +166,9 @@ def _bucket0_output(loaded) -> torch.Tensor:
 def test_package_library_is_extracted_once_and_a_file_is_trusted_only_while_unchanged(tmp_path, bundle_dir,
                                                                                         monkeypatch):
     """A plain CPU package runs from its library extracted once into the cache; the same file (device, inode,
-    size, mtime) loads again without reading the library; a copy or a touched file has its library's bytes
-    checked again (no second extraction); every load's output is bitwise equal to torch's own loader's."""
+    size, mtime) loads again without reading the library, and so does a file `save` copied from a loaded package;
+    a copy made by anyone else or a touched file has its library's bytes checked again (no second extraction);
+    every load's output is bitwise equal to torch's own loader's."""
     from compiled_unet.backends import aoti_library, inductor
 
     monkeypatch.setenv("COMPILED_UNET_CACHE_DIR", str(tmp_path / "cache"))
@@ -184,17 +185,53 @@ def test_package_library_is_extracted_once_and_a_file_is_trusted_only_while_unch
     copy = shutil.copy(first, str(tmp_path / "b.pt2"))
     from_copy = compiled_unet.load(copy)
     assert checked == [first, copy] and os.listdir(tmp_path / "cache" / "aoti" / "lib") == libs
+    # A file saved from a loaded package is a copy compiled_unet made of verified bytes: trusted from the start
+    # (it was written as a temporary and renamed), and so is the same file renamed again.
+    saved = compiled_unet.save(loaded, tmp_path / "saved.pt2")
+    from_saved = compiled_unet.load(saved)
+    moved = str(tmp_path / "moved.pt2")
+    os.replace(saved, moved)
+    compiled_unet.load(moved)
+    assert checked == [first, copy], "a saved or renamed package was read again"
     st = os.stat(first)
     os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     compiled_unet.load(first)
     assert checked == [first, copy, first], "a file with a new modification time was trusted without a check"
+    with open(moved, "r+b") as f:  # rewritten in place, same size: a new modification time, read again
+        f.write(f.read(4))
+    compiled_unet.load(moved)
+    assert checked == [first, copy, first, moved]
 
     monkeypatch.setattr(inductor, "load_library_model", lambda path: None)
     by_torch = compiled_unet.load(first)
     assert not isinstance(by_torch._runner.model, aoti_library.LibraryModel)
     reference = _bucket0_output(by_torch)
-    for other in (loaded, again, from_copy):
+    for other in (loaded, again, from_copy, from_saved):
         assert torch.equal(_bucket0_output(other), reference)
+
+
+@pytestmark_slow
+def test_a_package_saved_with_a_changed_document_is_rewritten_and_still_trusted(tmp_path, compiled_buckets,
+                                                                                 monkeypatch):
+    """Saving a package whose document changed (e.g. new FreeU scales) rewrites it, the library streamed with its
+    checksum checked; the rewritten file holds the new document, the same library, and loads without being read
+    again, to the same output."""
+    from compiled_unet.backends import aoti_library
+    from compiled_unet.backends.inductor import read_package_doc
+
+    bucket = compiled_buckets.buckets[0]
+    path = str(tmp_path / "changed.pt2")
+    bucket._runner.save(path, {"note": "a changed document"})
+    assert read_package_doc(path)["note"] == "a changed document"
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None
+    assert aoti_library.library_key(path) == aoti_library.library_key(bucket._runner.package_path)
+    checked = []
+    real = aoti_library._verify_or_extract
+    monkeypatch.setattr(aoti_library, "_verify_or_extract", lambda *a: (checked.append(a[0]), real(*a)))
+    loaded = compiled_unet.load(path)
+    assert checked == []
+    assert torch.equal(_bucket0_output(loaded), _bucket0_output(bucket))
 
 
 @pytestmark_slow

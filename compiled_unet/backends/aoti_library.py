@@ -8,10 +8,13 @@ Here the library is extracted once per content into a cache folder (its zip chec
 written atomically) and every later load dlopens it from there; the weights are then mmapped from one file
 that all processes loading the package share. A package file is trusted without reading it again only while
 its identity (device, inode, size, modification time) is the one recorded when its library's bytes were last
-verified; a copy, a rewrite or a new download is verified again (a read, no write).
+verified (a rename keeps it); a copy, a rewrite or a new download is verified again (a read, no write), except
+a copy this library made itself of a verified file (`vouch_for_copy`: `save` of a loaded package, the package
+cache), which is recorded as verified when made.
 
     model = load_library_model(path)   # None: a layout this fast path does not handle (use aoti_load_package)
     model(*args, **kwargs); model.get_constant_fqns(); model.load_constants({...}, check_full_update=False)
+    shutil.copyfile(src, dst); vouch_for_copy(src, dst)   # dst's first load skips the checksum read
 
 Cache: $COMPILED_UNET_CACHE_DIR/aoti, default ~/.cache/compiled_unet/aoti (must allow executing mapped files).
 The most recently used libraries are kept, at most eight and at most $COMPILED_UNET_CACHE_MAX_GB gigabytes
@@ -56,13 +59,16 @@ def load_library_model(path: str) -> "LibraryModel | None":
         member = _library_member(z)
         if member is None:
             return None
-        key = hashlib.sha256(f"{member.filename}:{member.CRC:08x}:{member.file_size}".encode()).hexdigest()[:32]
+        key = _member_key(member)
         library = os.path.join(cache_root(), "lib", key, "model.so")
-        identity = _identity(path)
-        if not (os.path.exists(library) and _seen(path) == {**identity, "key": key}):
+        if os.path.exists(library) and is_verified(path, key):
+            if (_seen(_identity(path)) or {}).get("path") != os.path.realpath(path):
+                with contextlib.suppress(OSError):
+                    _remember(path, key)  # renamed since (save writes a temporary): the record follows the name
+        else:
             try:
                 _verify_or_extract(path, z, member, library)
-                _remember(path, {**identity, "key": key})
+                _remember(path, key)
             except zipfile.BadZipFile as e:
                 raise DamagedArtifact(f"{path}: damaged .pt2 package ({e})") from None
             except OSError as e:  # e.g. a read-only home: torch's loader extracts into a temporary folder
@@ -73,6 +79,50 @@ def load_library_model(path: str) -> "LibraryModel | None":
     with contextlib.suppress(OSError):
         os.utime(os.path.dirname(library))  # most recently used: the pruning of other loads keeps it
     return LibraryModel(library)
+
+
+def library_key(path: str) -> str | None:
+    """The cache key of the one library in the package at `path` (read from the zip directory, not the bytes);
+    None when it is not a plain CPU package or not a zip at all."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            member = _library_member(z)
+    except (zipfile.BadZipFile, EOFError, OSError):
+        return None
+    return None if member is None else _member_key(member)
+
+
+def is_verified(path: str, key: str | None = None) -> bool:
+    """Whether the library bytes of the file at `path` were checked (or copied from checked bytes) as it is now:
+    same device, inode, size and modification time as recorded then, and the library `key` (default: read)."""
+    key = key or library_key(path)
+    try:
+        identity = _identity(path)
+        record = _seen(identity)
+    except OSError:
+        return False
+    return key is not None and record is not None and all(record.get(k) == v for k, v in {**identity, "key": key}.items())
+
+
+def remember_verified(path: str) -> None:
+    """Record that the library bytes of `path`, as the file is now, were just checked by the caller."""
+    key = library_key(path)
+    if key is not None:
+        with contextlib.suppress(OSError):
+            _remember(path, key)
+
+
+def vouch_for_copy(src: str, dst: str) -> bool:
+    """Record `dst`, a byte copy this process has just made of `src`, as verified when `src` is verified: its
+    first load then trusts it without reading its library again (SD1.5: a 3.4 GB checksum read, ~3 s). A copy
+    made by anyone else (cp, a download) is a file we have not seen, and is read once. Returns whether it did."""
+    key = library_key(src)
+    if key is None or not is_verified(src, key) or library_key(dst) != key:
+        return False
+    with contextlib.suppress(OSError):
+        _remember(dst, key)
+        return True
+    return False
 
 
 class LibraryModel:
@@ -161,27 +211,33 @@ def _verify_or_extract(path: str, z: zipfile.ZipFile, member: zipfile.ZipInfo, l
     _prune(lib_root, keep=os.path.basename(os.path.dirname(library)))
 
 
+def _member_key(member: zipfile.ZipInfo) -> str:
+    return hashlib.sha256(f"{member.filename}:{member.CRC:08x}:{member.file_size}".encode()).hexdigest()[:32]
+
+
 def _identity(path: str) -> dict:
+    # What a rewrite, a copy or a new download changes; a rename keeps it (the same bytes under a new name:
+    # `save` writes a temporary and renames it into place).
     st = os.stat(path)
-    return {"path": os.path.realpath(path), "dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns}
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _record_path(path: str) -> str:
-    name = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
+def _record_path(identity: dict) -> str:
+    name = hashlib.sha256(f"{identity['dev']}:{identity['ino']}".encode()).hexdigest()[:32]
     return os.path.join(cache_root(), "seen", name + ".json")
 
 
-def _seen(path: str) -> dict | None:
+def _seen(identity: dict) -> dict | None:
     try:
-        with open(_record_path(path)) as f:
+        with open(_record_path(identity)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
 
 
-def _remember(path: str, record: dict) -> None:
-    write_atomic(_record_path(path), json.dumps(record))
+def _remember(path: str, key: str) -> None:
+    identity = _identity(path)
+    write_atomic(_record_path(identity), json.dumps({**identity, "key": key, "path": os.path.realpath(path)}))
 
 
 def max_cache_bytes() -> int:
@@ -214,12 +270,18 @@ def _prune(lib_root: str, incoming_bytes: int = 0, keep: str | None = None) -> N
             shutil.rmtree(os.path.join(lib_root, name), ignore_errors=True)
     seen = os.path.join(os.path.dirname(lib_root), "seen")
     for name in os.listdir(seen) if os.path.isdir(seen) else ():
+        # A record names the file it was written for; one whose file is gone or replaced goes after a day (a
+        # record written for a temporary that was then renamed into place is rewritten by its first load).
         record = os.path.join(seen, name)
-        try:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            if time.time() - os.path.getmtime(record) < 86400:
+                continue
             with open(record) as f:
-                gone = not os.path.exists(json.load(f)["path"])
-        except (OSError, ValueError, KeyError):
-            gone = time.time() - os.path.getmtime(record) > 86400 if os.path.exists(record) else False
-        if gone:
-            with contextlib.suppress(OSError):
+                entry = json.load(f)
+            try:
+                st = os.stat(entry["path"])
+                current = (st.st_dev, st.st_ino) == (entry["dev"], entry["ino"])
+            except OSError:
+                current = False
+            if not current:
                 os.remove(record)

@@ -4,7 +4,8 @@ Two runtimes share one exported, optimized graph, both runners of the protocol i
   * jit (`InductorOptions(aot=False)`): `torch._inductor.compile` (compile_fx) of the program's flat module on
     the example inputs. No dynamo and no guards: the compiled callable has no recompile mechanism at all, so
     a call changes no process-global state and many threads may call it at once.
-  * aot (`InductorOptions(aot=True)`): `torch._inductor.aoti_compile_and_package` into a `.pt2` package,
+  * aot (`InductorOptions(aot=True)`): `torch._inductor.aoti_compile_and_package`'s steps into a `.pt2` package
+    (written with less memory: `_compile_and_package`),
     loaded from its library extracted once into a cache (`aoti_library.py`; torch's `aoti_load_package`, which
     extracts on every load, for layouts other than a plain CPU package); `save` copies the package, and weights
     swap in with `load_constants`.
@@ -14,6 +15,7 @@ AOTInductor metadata, so a loaded package validates inputs and swapped weights w
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import gc
@@ -33,6 +35,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import DamagedArtifact
 from . import package_cache
+from . import aoti_library
 from .aoti_library import load_library_model
 from .vec_isa import vec_isa_config
 
@@ -400,15 +403,52 @@ def aot_compile(ep: torch.export.ExportedProgram, options: InductorOptions, pack
     if key is not None and package_cache.lookup(key, package_path):
         return package_path
     cfg["aot_inductor.metadata"] = dict(metadata)
+    path = _compile_and_package(ep, package_path, cfg)
+    if key is not None:
+        package_cache.store(key, path)
+    return path
+
+
+def _compile_and_package(ep: torch.export.ExportedProgram, package_path: str, cfg: dict) -> str:
+    """`torch._inductor.aoti_compile_and_package` (same steps, same archive), changed for peak memory:
+      * the frozen weights this compile made are released before the archive is written (the library holds
+        them; see `_drop_frozen_constants`), not after;
+      * files go into the archive from a file mapping: torch's `PT2ArchiveWriter.write_file` reads each file
+        whole and copies it once more while writing, so a frozen SD1.5 library (3.4 GB, the weights inside)
+        briefly cost 2x the weights, a peak a sampling thread never sees (the copy holds the GIL).
+    Where that private packaging helper is missing (another torch), torch's own function is used."""
+    try:
+        from torch.export.pt2_archive._package import PT2ArchiveWriter, _package_aoti_files
+    except ImportError:
+        PT2ArchiveWriter = _package_aoti_files = None
     with _COMPILING:  # the release below must only see this compile's graphs
         graph_modules_before = _graph_module_ids()
         # Inductor applies freezing (and with it CPU weight prepacking) only when grad mode is off.
         with torch.no_grad():
-            path = torch._inductor.aoti_compile_and_package(ep, package_path=package_path, inductor_configs=cfg)
+            if _package_aoti_files is None:
+                path = torch._inductor.aoti_compile_and_package(ep, package_path=package_path, inductor_configs=cfg)
+                _drop_frozen_constants(graph_modules_before)
+                return path
+            gm = ep.module(check_guards=False)
+            args, kwargs = ep.example_inputs
+            files = torch._inductor.aot_compile(gm, args, kwargs, options={**cfg, "aot_inductor.package": True})
+            del gm
         _drop_frozen_constants(graph_modules_before)
-    if key is not None:
-        package_cache.store(key, path)
-    return path
+
+    class MappedFileArchiveWriter(PT2ArchiveWriter):
+        def write_file(self, name: str, file_path: str) -> None:
+            size = os.path.getsize(file_path)
+            if size < _MAPPED_WRITE_BYTES:
+                return super().write_file(name, file_path)
+            mapped = torch.UntypedStorage.from_file(file_path, shared=True, nbytes=size)  # read-only use
+            self.archive_file.write_record(name, mapped, size)
+
+    with MappedFileArchiveWriter(package_path) as writer:
+        _package_aoti_files(writer, files)
+    return package_path
+
+
+_MAPPED_WRITE_BYTES = 16 << 20
 
 
 def _live_graph_modules() -> list[torch.fx.GraphModule]:
@@ -422,9 +462,9 @@ def _graph_module_ids() -> set[int]:
 def _drop_frozen_constants(graph_modules_before: set[int]) -> int:
     """Release the frozen (oneDNN-packed) weights of the graphs this AOT compile made; returns bytes released.
 
-    Why: after `aoti_compile_and_package` returns, its frozen graph modules stay alive, held from outside Python's
-    view (no gc-visible referrer), with all the packed weights: SD1.5, 3.44 GB kept until the process exits, on
-    top of which loading the package peaked at 4.2x the weights (benchmarks/NOTES.md). The package is written
+    Why: after an AOT compile returns, its frozen graph modules stay alive, held from outside Python's view (no
+    gc-visible referrer), with all the packed weights: SD1.5, 3.44 GB kept until the process exits, on top of
+    which loading the package peaked at 4.2x the weights (benchmarks/NOTES.md). The compiled library is written
     and holds its own copy; nothing runs these graphs again."""
     released = 0
     for gm in [gm for gm in _live_graph_modules() if id(gm) not in graph_modules_before]:
@@ -467,7 +507,8 @@ class AotRunner:
         """AOT-compile `ep` into a package in a private temporary folder and load it."""
         tmp = tempfile.TemporaryDirectory(prefix="compiled_unet_aoti_")
         path = os.path.join(tmp.name, "model.pt2")
-        doc = {**doc, "options": _options_doc(options),
+        # The complete artifact document, as `save` writes it: saving is then a plain copy of this package.
+        doc = {**doc, "format": FORMAT, "options": _options_doc(options),
                "constants": constant_specs(ep, list(ep.state_dict) + list(ep.constants))}
         t0 = time.perf_counter()
         aot_compile(ep, options, path, {META_KEY: json.dumps(doc)})
@@ -513,6 +554,7 @@ class AotRunner:
             _rewrite_package_doc(self.package_path, path, doc)
         else:
             shutil.copyfile(self.package_path, path)
+        aoti_library.vouch_for_copy(self.package_path, path)  # its first load need not read it all again
 
 
 def _load_model(path: str):
@@ -562,13 +604,19 @@ def read_package_doc(path: str) -> dict:
 
 
 def _rewrite_package_doc(src: str, dst: str, doc: dict) -> None:
-    """Copy the package `src` to `dst` with the artifact document replaced in its metadata."""
+    """Copy the package `src` to `dst` with the artifact document replaced in its metadata. Members are streamed
+    (a frozen SD1.5 library is 3.4 GB) and their checksums checked while read, so `dst`'s library holds verified
+    bytes under the same CRC."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for item in zin.infolist():
-            data = zin.read(item.filename)
+            entry = copy.copy(item)  # writing sets its offset; `item` stays zin's
             if item.filename.endswith("metadata.json"):
+                data = zin.read(item.filename)
                 meta = json.loads(data)
                 if isinstance(meta, dict) and META_KEY in meta:
                     meta[META_KEY] = json.dumps(doc)
                     data = json.dumps(meta).encode()
-            zout.writestr(item, data)
+                zout.writestr(entry, data)
+                continue
+            with zin.open(item) as member, zout.open(entry, "w", force_zip64=item.file_size > 1 << 31) as out:
+                shutil.copyfileobj(member, out, 1 << 24)

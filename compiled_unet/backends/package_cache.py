@@ -15,8 +15,9 @@ already cached), and a frozen package embeds the weights, which Inductor's cache
     the Inductor backend's source (a change to how we compile is a new key);
   * the artifact document stored inside the package (signature, config, options, FreeU scales).
 What is not covered (a tensor subclass or layout we cannot read, a program on a device other than CPU/CUDA)
-is simply not cached. A cached package is checked (zip checksums) before use; a damaged one is removed and
-compiled again. Entries live under Inductor's cache folder (`compiled_unet_packages/`), so a fresh Inductor
+is simply not cached. A cached package is checked (zip checksums) before its first use, and trusted afterwards
+while the file is unchanged (aoti_library's records); a damaged one is removed and compiled again. The copy
+handed out is recorded as verified, so loading it reads nothing again. Entries live under Inductor's cache folder (`compiled_unet_packages/`), so a fresh Inductor
 cache is a cold compile here too, and `compile(cache_dir=...)` carries them. Kept: the most recently used
 eight, within COMPILED_UNET_CACHE_MAX_GB gigabytes (default 8); COMPILED_UNET_PACKAGE_CACHE=0 turns it off.
 """
@@ -29,6 +30,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import zipfile
 from typing import Any, Mapping
 
@@ -36,6 +38,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .._atomic import atomic_file
+from . import aoti_library
 from .aoti_library import KEEP_LIBRARIES, max_cache_bytes
 from .vec_isa import compiler_identity
 
@@ -91,19 +94,22 @@ def lookup(key: str, package_path: str) -> bool:
     entry = _entry(key)
     if not os.path.isfile(entry):
         return False
-    try:
-        with zipfile.ZipFile(entry) as z:
-            damaged = z.testzip()
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
-        damaged = f"{type(e).__name__}: {e}"
-    if damaged is not None:
-        log.warning("compiled_unet: cached package %s is damaged (%s); compiling again", entry, damaged)
-        with contextlib.suppress(OSError):
-            os.remove(entry)
-        return False
+    if not aoti_library.is_verified(entry):  # read once; afterwards trusted while the file is unchanged
+        try:
+            with zipfile.ZipFile(entry) as z:
+                damaged = z.testzip()
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            damaged = f"{type(e).__name__}: {e}"
+        if damaged is not None:
+            log.warning("compiled_unet: cached package %s is damaged (%s); compiling again", entry, damaged)
+            with contextlib.suppress(OSError):
+                os.remove(entry)
+            return False
+        aoti_library.remember_verified(entry)
     shutil.copyfile(entry, package_path)
-    with contextlib.suppress(OSError):
-        os.utime(entry)  # most recently used
+    aoti_library.vouch_for_copy(entry, package_path)  # so loading the copy does not read it all again
+    with contextlib.suppress(OSError):  # most recently used: the access time (the modification time is part of
+        os.utime(entry, ns=(time.time_ns(), os.stat(entry).st_mtime_ns))  # what says the entry was verified)
     return True
 
 
@@ -137,7 +143,7 @@ def _prune(root: str, incoming_bytes: int) -> None:
         with contextlib.suppress(OSError):
             st = os.stat(os.path.join(root, name))
             if name.endswith(".pt2") and not name.startswith("."):
-                entries.append((st.st_mtime, st.st_size, name))
+                entries.append((max(st.st_atime, st.st_mtime), st.st_size, name))
     budget, count = max_cache_bytes() - incoming_bytes, KEEP_LIBRARIES - 1
     for _, size, name in sorted(entries, reverse=True):
         if count > 0 and size <= budget:
