@@ -89,6 +89,10 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
     if passes == "default":
         # CPU Inductor adds CPU_PASSES (linear layers as oneDNN 1x1 convolutions); XLA and CUDA do not.
         passes = graph_passes.DEFAULT_PASSES if backend == "xla" else graph_passes.default_passes(sample.device)
+        if backend == "inductor" and options.linear_kernel == "mkl":
+            # Linears stay linears: MKL's packed GEMM, packed by a pass in the jit graph, by freezing in a package.
+            passes = [p for p in passes if p is not graph_passes.linear_to_conv1x1]
+            passes += [graph_passes.prepack_mkl_linear] if options.prepack_weights else []
     passes = None if passes is None else list(passes)
     if backend == "inductor" and options.prepack_weights and graph_passes.prepack_onednn not in (passes or []):
         passes = (passes or []) + [graph_passes.prepack_onednn]  # last: nothing may run on packed weights

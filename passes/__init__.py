@@ -28,6 +28,7 @@ from .freeu_backbone import freeu_backbone
 from .freeu_fourier import freeu_fourier
 from .fuse_qkv import fuse_qkv
 from .linear_to_conv1x1 import linear_to_conv1x1
+from .prepack_mkl_linear import prepack_mkl_linear, unpack_mkl_linear
 from .prepack_onednn import prepack_onednn
 from .remove_asserts import remove_asserts
 from .remove_dropout import remove_dropout
@@ -51,6 +52,8 @@ DEFAULT_PASSES = (
 )
 
 # Device-specific additions, run after the default list (see each pass's docstring for the measurement).
+# On CPU, `compiled_unet.compile` swaps linear_to_conv1x1 for prepack_mkl_linear where MKL's GEMM measured faster
+# (InductorOptions.linear_kernel).
 CPU_PASSES = (linear_to_conv1x1,)
 
 
@@ -63,7 +66,7 @@ def default_passes(device=None) -> tuple:
 __all__ = [
     "CPU_PASSES", "DEFAULT_PASSES", "OptimizeConfig", "PassContext", "PassReport", "PassStat", "SliceAttention", "attention_to_sdpa",
     "broadcast_attention_mask", "cleanup", "constant_fold", "default_passes", "fold_channel_scale", "freeu_backbone", "freeu_fourier",
-    "fuse_qkv", "linear_to_conv1x1", "merge_sliced_attention", "op_counts", "optimize", "pass_name", "prepack_onednn",
+    "fuse_qkv", "linear_to_conv1x1", "merge_sliced_attention", "op_counts", "optimize", "pass_name", "prepack_mkl_linear", "prepack_onednn",
     "remove_asserts", "remove_dropout",
-    "remove_noops",
+    "remove_noops", "unpack_mkl_linear",
 ]

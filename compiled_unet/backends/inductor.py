@@ -35,7 +35,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import DamagedArtifact
 from . import package_cache
-from . import aoti_library
+from . import aoti_library, cpu_kernels
 from .aoti_library import load_library_model
 from .vec_isa import vec_isa_config
 
@@ -68,6 +68,10 @@ class InductorOptions:
     prepack_weights: CPU, float32: pack convolution weights for oneDNN in the graph (passes.prepack_onednn,
         appended to the pass list) instead of freezing; jit only. Default on for float32 CPU jit.
     channels_last: run convolutions in channels_last (sample and conv weights converted; jit only).
+    linear_kernel: CPU, float32: what runs the token-wise linear layers: "onednn" (as 1x1 convolutions,
+        passes.linear_to_conv1x1) or "mkl" (MKL's packed GEMM: passes.prepack_mkl_linear in the jit graph,
+        Inductor's freezing in a package). Default: the one measured faster on this CPU, once per machine
+        (backends/cpu_kernels.py); "onednn" for other dtypes. Used with the default pass list only.
     max_autotune: Inductor `max_autotune` (GPU kernel/GEMM autotuning; slow compile).
     cudagraphs: capture the compiled graph in CUDA graphs (jit on CUDA only).
     inductor_config: extra `torch._inductor.config` entries, passed through as is (they win).
@@ -76,6 +80,7 @@ class InductorOptions:
     freezing: bool | None = None
     channels_last: bool | None = None
     prepack_weights: bool | None = None
+    linear_kernel: str | None = None
     max_autotune: bool = False
     cudagraphs: bool = False
     inductor_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -87,6 +92,9 @@ class InductorOptions:
         for name in ("freezing", "channels_last", "prepack_weights"):
             if getattr(self, name) not in (None, True, False):
                 raise TypeError(f"InductorOptions.{name} must be a bool or None, got {getattr(self, name)!r}")
+        if self.linear_kernel not in (None, "onednn", "mkl"):
+            raise ValueError(f"InductorOptions.linear_kernel must be 'onednn', 'mkl' or None (measured), got "
+                             f"{self.linear_kernel!r}")
         if not isinstance(self.inductor_config, Mapping) or not all(isinstance(k, str) for k in self.inductor_config):
             raise TypeError("InductorOptions.inductor_config must be a mapping of config names to values")
         if self.aot and self.channels_last:
@@ -115,6 +123,11 @@ class InductorOptions:
             defaults.update(freezing=True, prepack_weights=False)
         if self.prepack_weights is False and self.freezing is None:
             defaults["freezing"] = False  # asked for swappable weights: no freezing either
+        if kind == "cpu" and self.linear_kernel is None:
+            defaults["linear_kernel"] = cpu_kernels.faster_linear_kernel() if dtype == torch.float32 else "onednn"
+        if self.linear_kernel == "mkl" and (kind != "cpu" or not cpu_kernels.mkl_available()):
+            raise ValueError(f"InductorOptions(linear_kernel='mkl') runs linears with MKL on CPU; the inputs are on "
+                             f"{device}" + ("" if kind != "cpu" else " and this torch has no MKL"))
         return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def swap_refusal_reason(self) -> str | None:
@@ -244,9 +257,14 @@ class JitRunner:
         """AOT-compile the same program into a package at `path` (the jit-only options dropped)."""
         opts = dataclasses.replace(self.options, aot=True, channels_last=None, cudagraphs=False, freezing=None,
                                    prepack_weights=None).resolve(_program_device(self.program))
+        program = self.program
+        if any(str(n.target) == "compiled_unet.mkl_linear.default" for n in program.graph.nodes):
+            from .. import passes as graph_passes  # the packed MKL linears back to linears: freezing packs them
+
+            program = graph_passes.optimize(program, [graph_passes.unpack_mkl_linear])[0]
         doc = {**doc, "options": _options_doc(opts),
-               "constants": constant_specs(self.program, list(self.program.state_dict) + list(self.program.constants))}
-        aot_compile(self.program, opts, path, {META_KEY: json.dumps(doc)})
+               "constants": constant_specs(program, list(program.state_dict) + list(program.constants))}
+        aot_compile(program, opts, path, {META_KEY: json.dumps(doc)})
 
 
 @contextlib.contextmanager
