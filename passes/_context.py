@@ -111,6 +111,21 @@ def val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
+def token_linears(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, fx.Node, Any]]:
+    """(node, x, weight, bias) of every aten.linear over a 3-D floating input [batch, tokens, channels] with a 2-D
+    weight: the transformer linears the CPU passes give another kernel."""
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target != torch.ops.aten.linear.default:
+            continue
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        xv, wv = val(x), val(w)
+        if xv is not None and wv is not None and xv.ndim == 3 and wv.ndim == 2 and xv.is_floating_point():
+            found.append((node, x, w, b))
+    return found
+
+
 def op_name(node: fx.Node) -> str:
     t = node.target
     if isinstance(t, torch._ops.OpOverload):

@@ -15,6 +15,8 @@ import logging
 import torch
 import torch.fx as fx
 
+from ._context import token_linears
+
 log = logging.getLogger("passes")
 aten = torch.ops.aten
 
@@ -22,16 +24,9 @@ aten = torch.ops.aten
 def linear_to_conv1x1(gm: fx.GraphModule, ctx) -> int:
     """Rewrite 3-D-input aten.linear into view/permute + 1x1 conv2d + permute/reshape; returns how many."""
     n = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != aten.linear.default:
-            continue
-        x, w = node.args[0], node.args[1]
-        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        xv, wv = x.meta.get("val"), w.meta.get("val")
-        if xv is None or wv is None or xv.ndim != 3 or wv.ndim != 2 or not xv.is_floating_point():
-            continue
-        batch, tokens, channels = xv.shape
-        out = wv.shape[0]
+    for node, x, w, b in token_linears(gm.graph):
+        batch, tokens, channels = x.meta["val"].shape
+        out = w.meta["val"].shape[0]
         with gm.graph.inserting_before(node):
             x4 = ctx.call(aten.view.default, (x, [batch, tokens, 1, channels]), like=node)
             x4 = ctx.call(aten.permute.default, (x4, [0, 3, 1, 2]), like=node)        # [B, C, N, 1]

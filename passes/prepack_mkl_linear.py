@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ._context import token_linears
+
 log = logging.getLogger("passes")
 aten = torch.ops.aten
 
@@ -38,19 +40,14 @@ def prepack_mkl_linear(gm: fx.GraphModule, ctx) -> int:
     if not (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")):
         return 0
     n = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != aten.linear.default:
-            continue
-        x, w = node.args[0], node.args[1]
-        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        xv, wv = x.meta.get("val"), w.meta.get("val")
-        if xv is None or wv is None or xv.ndim != 3 or wv.ndim != 2 or xv.dtype != torch.float32:
+    for node, x, w, b in token_linears(gm.graph):
+        if x.meta["val"].dtype != torch.float32:
             continue
         weight = ctx.evaluate(w, may_alias=True)
         if weight is None or weight.dtype != torch.float32:
             continue
-        batch, tokens, channels = xv.shape
-        rows, out = batch * tokens, wv.shape[0]
+        batch, tokens, channels = x.meta["val"].shape
+        rows, out = batch * tokens, weight.shape[0]
         packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), rows)
         with gm.graph.inserting_before(node):
             pw = ctx.add_constant(f"mkl_packed.{ctx.fqn(w) or n}", packed)
