@@ -23,7 +23,7 @@ from cases import build
 from closeness import assert_close
 from compiled_fixtures import (assert_close_to_eager, bucket_example, bundle_dir, compiled_buckets,  # noqa: F401
                                compiled_jit, inductor_cache_files, swappable_aot, tiny_model)
-from compiled_unet.backends import InductorOptions
+from compiled_unet.backends import InductorOptions, cpu_kernels
 
 pytestmark = pytest.mark.slow
 
@@ -378,9 +378,15 @@ def test_scalar_timestep_binds_to_a_dense_tensor_for_batch_one():
     assert args[1].item() == 981.0
 
 
-def test_cpu_default_passes_route_linears_through_onednn(compiled_jit):
-    """On CPU, compile's default pass list ends with linear_to_conv1x1 (measured 1.4x on SD1.5 here)."""
-    assert compiled_jit.report.rewrites["linear_to_conv1x1"] > 0
+def test_cpu_default_passes_route_linears_to_the_kernel_measured_faster(compiled_jit):
+    """On CPU, compile's default pass list sends the transformer linears to the linear kernel this machine
+    measured faster (backends/cpu_kernels.py): oneDNN 1x1 convolutions or MKL's packed GEMM; the other pass
+    does not run. (Each kernel on its own: tests/test_linear_kernel.py.)"""
+    kernel = compiled_jit._runner.options.linear_kernel
+    assert kernel == cpu_kernels.faster_linear_kernel()
+    chosen, other = ("prepack_mkl_linear", "linear_to_conv1x1") if kernel == "mkl" else \
+        ("linear_to_conv1x1", "prepack_mkl_linear")
+    assert compiled_jit.report.rewrites[chosen] > 0 and other not in compiled_jit.report.rewrites
 
 
 def test_weights_lifted_from_the_program_as_the_unlift_would(compiled_jit):
