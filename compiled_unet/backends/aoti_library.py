@@ -113,9 +113,10 @@ def remember_verified(path: str) -> None:
 
 
 def vouch_for_copy(src: str, dst: str) -> bool:
-    """Record `dst`, a byte copy this process has just made of `src`, as verified when `src` is verified: its
-    first load then trusts it without reading its library again (SD1.5: a 3.4 GB checksum read, ~3 s). A copy
-    made by anyone else (cp, a download) is a file we have not seen, and is read once. Returns whether it did."""
+    """Record `dst`, a copy this process has just made of `src` (the file, or its members copied with their
+    checksums checked on the way), as verified when `src` is verified: its first load then trusts it without
+    reading its library again (SD1.5: a 3.4 GB checksum read, ~3 s). A copy made by anyone else (cp, a download)
+    is a file we have not seen, and is read once. Returns whether it did."""
     key = library_key(src)
     if key is None or not is_verified(src, key) or library_key(dst) != key:
         return False
