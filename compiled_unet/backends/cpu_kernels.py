@@ -23,6 +23,7 @@ import time
 import torch
 
 from .._atomic import write_atomic
+from .vec_isa import cpu_flags
 
 log = logging.getLogger("compiled_unet")
 
@@ -43,9 +44,7 @@ def faster_linear_kernel() -> str:
         return "onednn" if torch.backends.mkldnn.is_available() else "mkl"
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    from .package_cache import _cpu_flags
-
-    identity = [torch.__version__, _cpu_model(), sorted(_cpu_flags()), torch.get_num_threads()]
+    identity = [torch.__version__, _cpu_model(), cpu_flags(), torch.get_num_threads()]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
     record = os.path.join(cache_dir(), "compiled_unet_linear_kernel", key + ".json")
     try:

@@ -40,7 +40,7 @@ import torch.utils._pytree as pytree
 from .._atomic import atomic_file
 from . import aoti_library
 from .aoti_library import KEEP_LIBRARIES, max_cache_bytes
-from .vec_isa import compiler_identity
+from .vec_isa import compiler_identity, cpu_flags
 
 log = logging.getLogger("compiled_unet")
 
@@ -67,7 +67,7 @@ def package_key(ep: torch.export.ExportedProgram, inductor_config: Mapping[str, 
 
     add("compiled_unet.package/1", torch.__version__, torch.version.git_version, sys.version,
         torch.get_float32_matmul_precision(), torch.backends.mkldnn.enabled,
-        torch.are_deterministic_algorithms_enabled(), compiler_identity(), _cpu_flags())
+        torch.are_deterministic_algorithms_enabled(), compiler_identity(), cpu_flags())
     for path in _SOURCES:
         with open(path, "rb") as f:
             h.update(hashlib.sha256(f.read()).digest())
@@ -170,12 +170,3 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview | None:
         return None
     t = t.cpu().contiguous().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        from torch._inductor import cpu_vec_isa
-
-        return sorted(cpu_vec_isa.x86_isa_checker())
-    except Exception:  # not x86, or a torch without the checker: the compiler and torch still key the entry
-        return []

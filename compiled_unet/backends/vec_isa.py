@@ -71,3 +71,14 @@ def compiler_identity() -> tuple[str, int, int] | None:
         log.debug("no C++ compiler identity (%s)", e)
         return None
     return compiler, stat.st_size, stat.st_mtime_ns
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's SIMD flags as Inductor reads them (sorted), or [] where it cannot (not x86): part of what keys
+    records of machine-specific results (packages, the linear kernel choice)."""
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        return sorted(cpu_vec_isa.x86_isa_checker())
+    except Exception:  # not x86, or a torch without the checker: the compiler and torch still key the entry
+        return []
