@@ -20,6 +20,25 @@ log = logging.getLogger("passes")
 PassFn = Callable[[fx.GraphModule, PassContext], int]
 
 
+def with_weights(ep: ExportedProgram, tensors: dict[str, torch.Tensor]) -> ExportedProgram:
+    """`ep` (graph shared) with the weights or constants named in `tensors` replaced: parameters stay
+    parameters. A name that is neither is a KeyError: a caller replacing weights must not lose one."""
+    state_dict, constants = dict(ep.state_dict), dict(ep.constants)
+    for name, value in tensors.items():
+        if name in state_dict:
+            old = state_dict[name]
+            state_dict[name] = (torch.nn.Parameter(value, requires_grad=False)
+                                if isinstance(old, torch.nn.Parameter) else value)
+        elif name in constants:
+            constants[name] = value
+        else:
+            raise KeyError(f"{name!r} is neither a weight nor a constant of the program")
+    return ExportedProgram(
+        root=ep.graph_module, graph=ep.graph, graph_signature=ep.graph_signature, state_dict=state_dict,
+        range_constraints=ep.range_constraints, module_call_graph=ep.module_call_graph,
+        example_inputs=ep.example_inputs, constants=constants, verifiers=ep.verifiers)
+
+
 def pass_name(p: PassFn) -> str:
     return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__
 

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import zipfile
 
@@ -262,9 +261,10 @@ def test_pt2_round_trip_in_fresh_process(tmp_path, tiny_model, bundle_dir):
     assert_close_to_eager(torch.load(tmp_path / "out.pt"), _eager(model, sample, timestep, **ex))
 
 
-def test_weight_swap_without_recompile(swappable_aot):
+def test_weight_swap_without_recompile(swappable_aot, tmp_path):
     """New weights (a re-randomized state dict) into a loaded unfrozen package: the new model's outputs, same
-    loaded object, no new files in Inductor's cache."""
+    loaded object, no new files in Inductor's cache. Saving it afterwards is refused: the package file holds the
+    weights it was compiled with, so a copy would load as a different model than the one saved."""
     compiled, path = swappable_aot
     ex = bucket_example(0)
     sample, timestep = ex.pop("sample"), ex.pop("timestep")
@@ -280,6 +280,9 @@ def test_weight_swap_without_recompile(swappable_aot):
     assert_close_to_eager(after, _eager(new_model, sample, timestep, **ex))
     assert (after - before).abs().max() > 1e-2  # the weights really changed
     assert loaded._runner.model is runner and inductor_cache_files() == files
+    with pytest.raises(RuntimeError, match="swap_weights"):
+        compiled_unet.save(loaded, tmp_path / "swapped.pt2")
+    assert not os.listdir(tmp_path)  # nothing written, not even a temporary
 
 
 def test_two_loads_of_one_package_keep_their_own_weights(swappable_aot):
@@ -313,7 +316,7 @@ def test_weight_swap_with_model_state_dict_in_process(tiny_model, swappable_aot)
     assert_close_to_eager(aot(sample, timestep, **ex).sample, _eager(model, sample, timestep, **ex))
     with pytest.raises(ValueError, match="strict"):
         aot.swap_weights({"conv_in.weight": model.conv_in.weight.detach()})
-    loaded = compiled_unet.load(compiled_unet.save(aot, os.path.join(tempfile.mkdtemp(), "b0.pt2")))
+    loaded = compiled_unet.load(swappable_aot[1])
     with pytest.raises(RuntimeError, match="exported program"):
         loaded.derive_weights(model.state_dict())
 

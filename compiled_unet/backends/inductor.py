@@ -209,6 +209,7 @@ class JitRunner:
                     self.compiled = torch._inductor.compile(self.module, fake, cfg)
         self.compile_seconds = time.perf_counter() - t0
         self._weight_list = list(self.weights.values())
+        self._swapped: set[str] = set()  # weights replaced since compiling: `save` must write these, not the program's
 
     def prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.options.channels_last:
@@ -252,15 +253,20 @@ class JitRunner:
                 else:
                     weights[name] = torch.empty_like(weights[name]).copy_(value)
         self.weights, self._weight_list = weights, list(weights.values())
+        self._swapped |= set(tensors)
 
     def save(self, path: str, doc: dict) -> None:
         """AOT-compile the same program into a package at `path` (the jit-only options dropped)."""
+        from .. import passes as graph_passes
+
         opts = dataclasses.replace(self.options, aot=True, channels_last=None, cudagraphs=False, freezing=None,
                                    prepack_weights=None).resolve(_program_device(self.program))
-        program = self.program
+        # The weights this graph runs now: the program still holds the ones it was compiled with, and a package
+        # of those after a swap_weights would be a silently different model.
+        program = graph_passes.with_weights(self.program, {
+            n: self.weights[n] if self.weights[n].is_mkldnn else self.weights[n].contiguous() for n in self._swapped})
         if any(str(n.target) == "compiled_unet.mkl_linear.default" for n in program.graph.nodes):
-            from .. import passes as graph_passes  # the packed MKL linears back to linears: freezing packs them
-
+            # the packed MKL linears back to linears on their (current) weights: freezing packs them
             program = graph_passes.optimize(program, [graph_passes.unpack_mkl_linear])[0]
         doc = {**doc, "options": _options_doc(opts),
                "constants": constant_specs(program, list(program.state_dict) + list(program.constants))}
@@ -519,6 +525,7 @@ class AotRunner:
         self.load_seconds = time.perf_counter() - t0
         self.compile_seconds = compile_seconds
         self._specs = None
+        self._swapped = False  # the package file holds the weights it was compiled with; see save
 
     @classmethod
     def compile(cls, ep, options: InductorOptions, doc: dict) -> "AotRunner":
@@ -565,8 +572,16 @@ class AotRunner:
     def load_constants(self, tensors: Mapping[str, torch.Tensor]) -> None:
         # AOTInductor copies constants as dense row-major memory: hand it contiguous tensors.
         self.model.load_constants({k: v.contiguous() for k, v in tensors.items()}, check_full_update=False)
+        self._swapped = True
 
     def save(self, path: str, doc: dict) -> None:
+        if self._swapped:
+            # Saving is a copy of the package, whose library holds the weights it was compiled with: after a
+            # swap that would be a file that loads as a different model than the one saved.
+            raise RuntimeError("save: this AOT-compiled UNet's weights were replaced with swap_weights, and a "
+                               "package holds the weights it was compiled with, so the file would not hold these "
+                               "weights. Compile the UNet with the new weights (compiled_unet.compile) and save "
+                               "that, or save the weights themselves (save_pretrained)")
         doc = {**self.doc, **doc}
         if doc != self.doc:  # e.g. new FreeU scales: the document inside the package must say so
             _rewrite_package_doc(self.package_path, path, doc)

@@ -249,13 +249,7 @@ class CompiledUNet(torch.nn.Module):
             got = state_dict[k]
             if not torch.is_tensor(got) or tuple(got.shape) != tuple(v.shape):
                 raise ValueError(f"state_dict[{k!r}] is {_describe(got)}, expected a tensor of shape {list(v.shape)}")
-        params = {s.target for s in raw.graph_signature.input_specs if s.kind.name == "PARAMETER"}
-        new_sd = {k: (torch.nn.Parameter(state_dict[k].detach().to(v.dtype), requires_grad=False) if k in params
-                      else state_dict[k].detach().to(v.dtype)) for k, v in raw.state_dict.items()}
-        ep = torch.export.ExportedProgram(
-            root=raw.graph_module, graph=raw.graph, graph_signature=raw.graph_signature, state_dict=new_sd,
-            range_constraints=raw.range_constraints, module_call_graph=raw.module_call_graph,
-            example_inputs=raw.example_inputs, constants=raw.constants, verifiers=raw.verifiers)
+        ep = graph_passes.with_weights(raw, {k: state_dict[k].detach().to(v.dtype) for k, v in raw.state_dict.items()})
         optimized = ep if self._passes is None else graph_passes.optimize(ep, list(self._passes))[0]
         if optimized.graph_module.code != self._optimized.graph_module.code:
             raise RuntimeError("the passes rewrote the graph differently for these weights; compile again")
