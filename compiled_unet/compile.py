@@ -30,11 +30,11 @@ from .runtime.signature import Signature
 from .runtime.artifacts import load, save  # noqa: F401
 
 
-def run_passes(ep: ExportedProgram, passes_list: Sequence | None):
+def run_passes(ep: ExportedProgram, passes_list: Sequence | None, donate_weights: bool = False):
     """(optimized program, PassReport | None)."""
     if passes_list is None:
         return ep, None
-    return graph_passes.optimize(ep, list(passes_list))
+    return graph_passes.optimize(ep, list(passes_list), graph_passes.OptimizeConfig(donate_weights=donate_weights))
 
 
 def _float_timestep(timestep, sample: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
             backend: str = "inductor", passes: str | Sequence | None = "default",
             options: InductorOptions | None = None, config=None, check_finite: bool = False,
             progress: bool | CompileProgress | None = None, cache_dir: str | os.PathLike | None = None,
-            **forward_kwargs) -> CompiledUNet:
+            donate_weights: bool = False, **forward_kwargs) -> CompiledUNet:
     """Export `unet` on these example inputs, run the graph passes, compile with `backend`.
 
     unet: `compiled_unet.UNet2DConditionModel`, diffusers' `UNet2DConditionModel`, or an ExportedProgram of
@@ -69,6 +69,13 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
         there warm as well; anything that differs (torch, ISA, compiler flags) is part of Inductor's keys and
         simply misses (a cold compile, never a wrong kernel). AOT packages are kept there too, by content
         (backends/package_cache.py): the same program, weights and options again is a copy of the package.
+    donate_weights: the caller gives up `unet`: each parameter's memory is freed as soon as the passes stop
+        reading it (the float32 CPU jit default packs every convolution and linear weight, so the compile then
+        holds ~1x the weights instead of the model's copy plus the packed one: SD1.5 32x32, benchmarks/NOTES.md).
+        `unet` cannot run afterwards (calling it raises, naming this argument); `derive_weights` and
+        `swap_weights` still work (they need only the weights' shapes). A float32 CPU AOT package then gets its
+        convolution weights packed by the passes too (freed as packed) instead of by Inductor's freezing; its
+        packaging still holds AOTInductor's one buffer of all constants (~1x) at its peak.
     With FreeU enabled on our UNet, its scales become graph inputs: the compiled UNet's `enable_freeu` /
     `disable_freeu` then change them without a recompile.
     """
@@ -80,6 +87,8 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
         raise TypeError(f"options must be InductorOptions, got {type(options).__name__}")
     if not (passes is None or passes == "default" or isinstance(passes, (list, tuple))):
         raise ValueError(f"passes must be 'default', None or a list of passes, got {passes!r}")
+    if not isinstance(donate_weights, bool):
+        raise TypeError(f"donate_weights must be True or False, got {donate_weights!r}")
     if not torch.is_tensor(sample) or sample.ndim != 4:
         raise ValueError(f"sample: expected a 4-D tensor [batch, channels, height, width] as the example input, "
                          f"got {type(sample).__name__ if not torch.is_tensor(sample) else tuple(sample.shape)}")
@@ -96,6 +105,12 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
     passes = None if passes is None else list(passes)
     if backend == "inductor" and options.prepack_weights and graph_passes.prepack_onednn not in (passes or []):
         passes = (passes or []) + [graph_passes.prepack_onednn]  # last: nothing may run on packed weights
+    elif (donate_weights and backend == "inductor" and options.aot and options.freezing and passes is not None
+          and sample.device.type == "cpu" and sample.dtype == torch.float32 and torch.backends.mkldnn.is_available()):
+        # A package freezes its weights: Inductor packs them while the model's copy is alive. Donating, the passes
+        # pack the convolutions instead, freeing each original as they go, and freezing keeps the packed ones (the
+        # program `save` packages for a jit graph). Linears left to MKL are packed by freezing, as without donating.
+        passes = passes + [graph_passes.prepack_onednn]
 
     if not isinstance(progress, CompileProgress):
         progress = CompileProgress(enabled=progress)
@@ -103,15 +118,27 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
         with _inductor_cache_dir(cache_dir):
             compiled = _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwargs,
                                        backend=backend, passes=passes, options=options, config=config,
-                                       check_finite=check_finite, progress=progress)
+                                       check_finite=check_finite, progress=progress, donate_weights=donate_weights)
     finally:
         progress.close()
+        if donate_weights and isinstance(unet, torch.nn.Module):
+            _mark_donated(unet)  # also when the compile failed: the passes may have freed weights already
     compiled.compile_stages = dict(progress.stages)
     return compiled
 
 
+def _mark_donated(unet: torch.nn.Module) -> None:
+    """A UNet whose weights `compile(..., donate_weights=True)` freed refuses to run (instead of reading freed
+    memory)."""
+    def refuse(module, args, kwargs):
+        raise RuntimeError(f"this {type(module).__name__} gave its weights to compiled_unet.compile(..., "
+                           f"donate_weights=True) and cannot run; call the compiled UNet instead")
+
+    unet.register_forward_pre_hook(refuse, prepend=True, with_kwargs=True)
+
+
 def _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwargs, *, backend, passes, options,
-                    config, check_finite, progress: CompileProgress) -> CompiledUNet:
+                    config, check_finite, progress: CompileProgress, donate_weights: bool) -> CompiledUNet:
     """export -> passes -> lowering, each a timed stage of `progress`."""
     freeu = None
     if isinstance(unet, ExportedProgram):
@@ -123,7 +150,7 @@ def _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwarg
                 unet, sample, timestep, {"encoder_hidden_states": encoder_hidden_states, **forward_kwargs})
         config = unet.config if config is None else config
     with progress.stage("passes"):
-        optimized, report = run_passes(exported, passes)
+        optimized, report = run_passes(exported, passes, donate_weights)
     signature = Signature.from_program(optimized)
     args, kwargs = signature.bind(*optimized.example_inputs[0], **optimized.example_inputs[1])
     config_dict = config_to_dict(config)
@@ -134,7 +161,13 @@ def _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwarg
 
             runner = OpenXlaRunner(optimized, args, kwargs)
         elif options.aot:
-            runner = AotRunner.compile(optimized, options, artifact_doc(signature, config_dict, freeu, fused))
+            package = AotRunner.write_package(optimized, options, artifact_doc(signature, config_dict, freeu, fused))
+            if options.freezing:
+                # A frozen package's weights cannot be swapped, so nothing needs the programs past this point;
+                # dropped before the load, which copies the packed weights out of the library: with donated
+                # weights the optimized program holds packed ones (SD1.5: 2.6 GB, kept twice otherwise).
+                exported = optimized = None
+            runner = AotRunner.load_package(package)
         else:
             runner = JitRunner(optimized, options, args, kwargs)
     return CompiledUNet(runner, signature, config_dict, exported=exported, optimized=optimized, passes=passes,

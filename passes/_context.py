@@ -30,12 +30,16 @@ class OptimizeConfig:
         folded into derived weights, e.g. FreeU's b and s buffers). False: they are runtime tensors, like
         inputs. Non-persistent buffers (not in the state dict) are always constants.
     check_operators: verify each derived FreeU operator against torch.fft in float64 when it is built.
+    donate_weights: free the memory of each parameter as soon as the program stops reading it (a packed,
+        fused or folded copy replaced it), by resizing its storage to zero: the caller's model shares those
+        tensors and cannot run afterwards. What keeps a compile's peak near 1x the weights instead of 2x.
     """
     fold_buffers: bool = True
     check_operators: bool = True
+    donate_weights: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.fold_buffers, bool) or not isinstance(self.check_operators, bool):
+        if not all(isinstance(v, bool) for v in (self.fold_buffers, self.check_operators, self.donate_weights)):
             raise TypeError("OptimizeConfig fields are booleans")
 
 
@@ -166,6 +170,7 @@ class PassContext:
         # buffers (and parameters) the program writes; passes never change an output spec's kind
         self._mutated = frozenset(s.target for s in output_specs
                                   if s.kind.name in ("BUFFER_MUTATION", "PARAMETER_MUTATION"))
+        self.donated_bytes = 0  # config.donate_weights: parameter memory freed so far
 
     # ----- signature lookups
     def spec(self, node: fx.Node) -> InputSpec | None:
@@ -269,10 +274,28 @@ class PassContext:
             return None
         del self._spec_of[node.name]
         self._targets.discard(s.target)
-        self.state_dict.pop(s.target, None)
+        value = self.state_dict.pop(s.target, None)
         self.constants.pop(s.target, None)
         self.gm.graph.erase_node(node)
+        if self.config.donate_weights and s.kind == InputKind.PARAMETER:
+            self._donate(value)
         return s
+
+    def _donate(self, t: Any) -> None:
+        """Free `t`'s memory for every holder (the caller's model too), unless a tensor the program still holds
+        shares its storage. Parameters only: lifted constants stay (derive_weights re-runs the passes on them)."""
+        if not isinstance(t, torch.Tensor) or t.is_mkldnn or t.layout != torch.strided:
+            return
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0:
+            return
+        ptr = storage.data_ptr()
+        for held in (*self.state_dict.values(), *self.constants.values()):
+            if isinstance(held, torch.Tensor) and not held.is_mkldnn and held.layout == torch.strided \
+                    and held.untyped_storage().data_ptr() == ptr:
+                return
+        self.donated_bytes += storage.nbytes()
+        storage.resize_(0)
 
     # ----- creating nodes
     def call(self, target: Callable, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:

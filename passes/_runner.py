@@ -62,6 +62,7 @@ class PassReport:
     nodes_before: int
     ops_before: collections.Counter
     stats: list[PassStat] = dataclasses.field(default_factory=list)
+    donated_bytes: int = 0  # OptimizeConfig(donate_weights=True): parameter memory freed by the passes
 
     @property
     def rewrites(self) -> dict[str, int]:
@@ -220,6 +221,7 @@ def optimize(exported_program: ExportedProgram, passes: Sequence[PassFn] | None 
         report.stats.append(PassStat(name, n, len(gm.graph.nodes), op_counts(gm.graph), time.perf_counter() - t0))
         log.info("pass %s: %d rewrite(s), %d nodes", name, n, len(gm.graph.nodes))
     gm.recompile()
+    report.donated_bytes = ctx.donated_bytes
     new_sig = ExportGraphSignature(input_specs=ctx.input_specs, output_specs=ctx.output_specs)
     out = ExportedProgram(
         root=gm, graph=gm.graph, graph_signature=new_sig, state_dict=ctx.state_dict,

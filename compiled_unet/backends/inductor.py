@@ -530,6 +530,11 @@ class AotRunner:
     @classmethod
     def compile(cls, ep, options: InductorOptions, doc: dict) -> "AotRunner":
         """AOT-compile `ep` into a package in a private temporary folder and load it."""
+        return cls.load_package(cls.write_package(ep, options, doc))
+
+    @staticmethod
+    def write_package(ep, options: InductorOptions, doc: dict) -> tuple:
+        """`compile`'s first half: the package, not loaded (a caller can drop `ep` before loading it)."""
         tmp = tempfile.TemporaryDirectory(prefix="compiled_unet_aoti_")
         path = os.path.join(tmp.name, "model.pt2")
         # The complete artifact document, as `save` writes it: saving is then a plain copy of this package.
@@ -537,7 +542,12 @@ class AotRunner:
                "constants": constant_specs(ep, list(ep.state_dict) + list(ep.constants))}
         t0 = time.perf_counter()
         aot_compile(ep, options, path, {META_KEY: json.dumps(doc)})
-        return cls(path, doc, tmp, time.perf_counter() - t0)
+        return path, doc, tmp, time.perf_counter() - t0
+
+    @classmethod
+    def load_package(cls, package: tuple) -> "AotRunner":
+        """`compile`'s second half: load what `write_package` wrote."""
+        return cls(*package)
 
     @classmethod
     def load(cls, path: str) -> "AotRunner":

@@ -1,0 +1,68 @@
+"""`compile(..., donate_weights=True)`: each parameter's memory is freed as soon as the passes stop reading it
+(the CPU jit default packs every convolution and linear weight), so the compile holds the packed weights instead
+of the model's copy plus the packed one. The model given up refuses to run; the compiled UNet is exact.
+Compiled vs an identical untouched model's eager: max-abs <= 1e-4 x max(1, |eager|)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compiled_unet
+from cases import build, inputs_for
+from compiled_fixtures import assert_close_to_eager
+
+
+def _bytes(model: torch.nn.Module) -> int:
+    return sum(p.untyped_storage().nbytes() for p in model.parameters())
+
+
+def test_donated_weights_are_freed_and_the_compiled_unet_is_exact():
+    model, twin = build("sd"), build("sd")  # same seed: the twin keeps its weights to give the reference
+    (sample, timestep), kwargs = inputs_for("sd", batch=2, hw=(8, 8))
+    before = _bytes(model)
+    compiled = compiled_unet.compile(model, sample, timestep, **kwargs, donate_weights=True)
+    assert compiled.options.prepack_weights  # the CPU jit default: every conv/linear weight is packed
+    freed = compiled.report.donated_bytes
+    # Every convolution weight is packed, so freed; what stays are norms, biases, embeddings and (MKL route)
+    # the linear weights MKL keeps beside its packed copy.
+    conv = sum(m.weight.numel() * 4 for m in twin.modules() if isinstance(m, torch.nn.Conv2d))
+    assert freed >= conv and before - _bytes(model) == freed
+    assert all(m.weight.untyped_storage().nbytes() == 0 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        ref = twin(sample, timestep, **kwargs).sample
+        assert_close_to_eager(compiled(sample, timestep, **kwargs).sample, ref)
+        with pytest.raises(RuntimeError, match="donate_weights=True"):
+            model(sample, timestep, **kwargs)
+    # New weights still map through the passes (they need the donated weights' shapes only).
+    other = build("sd", seed=8)
+    compiled.swap_weights(other.state_dict())
+    with torch.no_grad():
+        assert_close_to_eager(compiled(sample, timestep, **kwargs).sample, other(sample, timestep, **kwargs).sample)
+    assert all(p.untyped_storage().nbytes() > 0 for p in other.parameters())  # a swap donates nothing
+
+
+@pytest.mark.slow
+def test_a_donated_aot_package_packs_in_the_passes_and_is_exact(tmp_path):
+    """AOT: a package freezes its weights (Inductor packs them while the model's copy is alive); donating, the
+    passes pack the convolutions and free each original, and freezing keeps the packed ones. The package saves,
+    loads and answers like the untouched twin (max-abs <= 1e-4 x scale)."""
+    from compiled_unet.backends import InductorOptions
+
+    model, twin = build("sd"), build("sd")
+    (sample, timestep), kwargs = inputs_for("sd", batch=2, hw=(8, 8))
+    compiled = compiled_unet.compile(model, sample, timestep, **kwargs, options=InductorOptions(aot=True),
+                                     donate_weights=True)
+    assert compiled.options.freezing and compiled.report.rewrites.get("prepack_onednn", 0) > 0
+    assert all(m.weight.untyped_storage().nbytes() == 0 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    loaded = compiled_unet.load(compiled_unet.save(compiled, tmp_path / "donated.pt2"))
+    with torch.no_grad():
+        ref = twin(sample, timestep, **kwargs).sample
+        assert_close_to_eager(compiled(sample, timestep, **kwargs).sample, ref)
+        assert_close_to_eager(loaded(sample, timestep, **kwargs).sample, ref)
+
+
+def test_donate_weights_is_a_bool():
+    model = build("sd")
+    (sample, timestep), kwargs = inputs_for("sd", batch=2, hw=(8, 8))
+    with pytest.raises(TypeError, match="donate_weights"):
+        compiled_unet.compile(model, sample, timestep, **kwargs, donate_weights="yes")
