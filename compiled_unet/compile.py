@@ -161,17 +161,33 @@ def _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwarg
 
             runner = OpenXlaRunner(optimized, args, kwargs)
         elif options.aot:
-            package = AotRunner.write_package(optimized, options, artifact_doc(signature, config_dict, freeu, fused))
+            params = [optimized.state_dict[n] for n in optimized.graph_signature.parameters]
+            held = _storage_bytes(params)
+            package = AotRunner.write_package(optimized, options, artifact_doc(signature, config_dict, freeu, fused),
+                                              donate_weights)
             if options.freezing:
                 # A frozen package's weights cannot be swapped, so nothing needs the programs past this point;
                 # dropped before the load, which copies the packed weights out of the library: with donated
                 # weights the optimized program holds packed ones (SD1.5: 2.6 GB, kept twice otherwise).
+                if donate_weights:  # the package holds them all now: the rest of the donated parameters go too
+                    for p in params:
+                        graph_passes.free_storage(p)
+                    if report is not None:  # what this compile freed past the passes (freezing's, then these)
+                        report.donated_bytes += sum(held.values()) - sum(_storage_bytes(params).values())
                 exported = optimized = None
+            del params
             runner = AotRunner.load_package(package)
         else:
             runner = JitRunner(optimized, options, args, kwargs)
     return CompiledUNet(runner, signature, config_dict, exported=exported, optimized=optimized, passes=passes,
                         report=report, freeu=freeu, fused_qkv=fused, check_finite=check_finite)
+
+
+def _storage_bytes(tensors) -> dict[int, int]:
+    """{storage address: bytes} of the plain tensors among `tensors`, each storage once."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
+            if not t.is_mkldnn and t.layout == torch.strided and t.untyped_storage().nbytes()}
+
 
 def _inductor_cache_dir(folder):
     """Inductor's cache in `folder` while compiling (torch's own context manager, which also drops the

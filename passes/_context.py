@@ -284,18 +284,7 @@ class PassContext:
     def _donate(self, t: Any) -> None:
         """Free `t`'s memory for every holder (the caller's model too), unless a tensor the program still holds
         shares its storage. Parameters only: lifted constants stay (derive_weights re-runs the passes on them)."""
-        if not isinstance(t, torch.Tensor) or t.is_mkldnn or t.layout != torch.strided:
-            return
-        storage = t.untyped_storage()
-        if storage.nbytes() == 0:
-            return
-        ptr = storage.data_ptr()
-        for held in (*self.state_dict.values(), *self.constants.values()):
-            if isinstance(held, torch.Tensor) and not held.is_mkldnn and held.layout == torch.strided \
-                    and held.untyped_storage().data_ptr() == ptr:
-                return
-        self.donated_bytes += storage.nbytes()
-        storage.resize_(0)
+        self.donated_bytes += free_storage(t, keep=(*self.state_dict.values(), *self.constants.values()))
 
     # ----- creating nodes
     def call(self, target: Callable, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:
@@ -411,3 +400,23 @@ def set_fake_val(node: fx.Node, fake_mode: Any) -> None:
 
 def only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def free_storage(t: Any, keep=()) -> int:
+    """Free the memory of `t`'s storage for every tensor that views it (resized to zero bytes), unless one of the
+    tensors in `keep` shares it or the memory is not torch's to free; returns the bytes freed. For donated weights (`donate_weights=True`) only: any
+    other holder of that storage, the caller's model included, is left with an empty tensor. Opaque (oneDNN)
+    tensors are not freed here; they go when their last reference does."""
+    if not isinstance(t, torch.Tensor) or t.is_mkldnn or t.layout != torch.strided:
+        return 0
+    storage = t.untyped_storage()
+    if storage.nbytes() == 0 or not storage.resizable():  # not resizable: memory torch does not own (numpy, a file)
+        return 0
+    ptr = storage.data_ptr()
+    for held in keep:
+        if isinstance(held, torch.Tensor) and not held.is_mkldnn and held.layout == torch.strided \
+                and held.untyped_storage().data_ptr() == ptr:
+            return 0
+    nbytes = storage.nbytes()
+    storage.resize_(0)
+    return nbytes

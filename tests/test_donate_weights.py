@@ -44,8 +44,9 @@ def test_donated_weights_are_freed_and_the_compiled_unet_is_exact():
 @pytest.mark.slow
 def test_a_donated_aot_package_packs_in_the_passes_and_is_exact(tmp_path):
     """AOT: a package freezes its weights (Inductor packs them while the model's copy is alive); donating, the
-    passes pack the convolutions and free each original, and freezing keeps the packed ones. The package saves,
-    loads and answers like the untouched twin (max-abs <= 1e-4 x scale)."""
+    passes pack the convolutions and free each original, freezing keeps the packed ones, and every other weight
+    is freed once the package holds it. The package saves, loads and answers like the untouched twin
+    (max-abs <= 1e-4 x scale)."""
     from compiled_unet.backends import InductorOptions
 
     model, twin = build("sd"), build("sd")
@@ -54,6 +55,11 @@ def test_a_donated_aot_package_packs_in_the_passes_and_is_exact(tmp_path):
                                      donate_weights=True)
     assert compiled.options.freezing and compiled.report.rewrites.get("prepack_onednn", 0) > 0
     assert all(m.weight.untyped_storage().nbytes() == 0 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    # the package holds every weight: the rest (linears freed once freezing packed them, norms, biases) goes too
+    left = [n for n, p in model.named_parameters() if p.untyped_storage().nbytes()]
+    assert not left, left[:5]
+    # freed: the model's weights and the passes' own (fused Q/K/V weights, freed once packed)
+    assert compiled.report.donated_bytes >= sum(p.numel() * p.element_size() for p in twin.parameters())
     loaded = compiled_unet.load(compiled_unet.save(compiled, tmp_path / "donated.pt2"))
     with torch.no_grad():
         ref = twin(sample, timestep, **kwargs).sample

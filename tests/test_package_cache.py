@@ -106,3 +106,17 @@ def test_a_damaged_cached_package_is_removed_not_used(package_folder, tmp_path):
     entry.write_bytes(b"PK\x03\x04 not really a zip")
     assert package_cache.lookup("0" * 40, str(tmp_path / "out.pt2")) is False
     assert not entry.exists() and not (tmp_path / "out.pt2").exists()
+
+
+def test_keying_a_weight_leaves_it_freeable():
+    """The key reads each weight's bytes in place, without a numpy view (which would mark the storage as not
+    resizable for good, and `compile(..., donate_weights=True)` could then not free the model's weights)."""
+    weight = torch.randn(3, 4)
+    data = package_cache._tensor_bytes(weight)
+    assert bytes(data) == _raw_bytes(weight)
+    assert weight.untyped_storage().resizable()
+    weight.untyped_storage().resize_(0)
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    return bytes(t.contiguous().untyped_storage())

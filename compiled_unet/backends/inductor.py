@@ -418,22 +418,25 @@ def _check_aoti_available():
 
 
 def aot_compile(ep: torch.export.ExportedProgram, options: InductorOptions, package_path: str,
-                metadata: Mapping[str, str]) -> str:
+                metadata: Mapping[str, str], donate_weights: bool = False) -> str:
     """AOTInductor-compile `ep` into a `.pt2` at `package_path` (written in place; callers rename), or copy the
-    package an earlier compile of the same program, weights and options made (backends/package_cache.py)."""
+    package an earlier compile of the same program, weights and options made (backends/package_cache.py).
+    `donate_weights`: `ep`'s parameters are the caller's to give up; a frozen compile frees each one the
+    library does not hold before it serialises its constants (see `_free_params_once_lowered`)."""
     _check_aoti_available()
     cfg = _compile_config(options, ep)
     key = package_cache.package_key(ep, cfg, metadata) if package_cache.enabled() else None
     if key is not None and package_cache.lookup(key, package_path):
         return package_path
     cfg["aot_inductor.metadata"] = dict(metadata)
-    path = _compile_and_package(ep, package_path, cfg)
+    path = _compile_and_package(ep, package_path, cfg, donate_weights)
     if key is not None:
         package_cache.store(key, path)
     return path
 
 
-def _compile_and_package(ep: torch.export.ExportedProgram, package_path: str, cfg: dict) -> str:
+def _compile_and_package(ep: torch.export.ExportedProgram, package_path: str, cfg: dict,
+                         donate_weights: bool = False) -> str:
     """`torch._inductor.aoti_compile_and_package` (same steps, same archive), changed for peak memory:
       * the frozen weights this compile made are released before the archive is written (the library holds
         them; see `_drop_frozen_constants`), not after;
@@ -448,7 +451,8 @@ def _compile_and_package(ep: torch.export.ExportedProgram, package_path: str, cf
     with _COMPILING:  # the release below must only see this compile's graphs
         graph_modules_before = _graph_module_ids()
         # Inductor applies freezing (and with it CPU weight prepacking) only when grad mode is off.
-        with torch.no_grad():
+        donated = _free_params_once_lowered(ep) if donate_weights and cfg.get("freezing") else contextlib.nullcontext()
+        with torch.no_grad(), donated:
             if _package_aoti_files is None:
                 path = torch._inductor.aoti_compile_and_package(ep, package_path=package_path, inductor_configs=cfg)
                 _drop_frozen_constants(graph_modules_before)
@@ -488,16 +492,59 @@ def _drop_frozen_constants(graph_modules_before: set[int]) -> int:
 
     Why: after an AOT compile returns, its frozen graph modules stay alive, held from outside Python's view (no
     gc-visible referrer), with all the packed weights: SD1.5, 3.44 GB kept until the process exits, on top of
-    which loading the package peaked at 4.2x the weights (benchmarks/NOTES.md). The compiled library is written
-    and holds its own copy; nothing runs these graphs again."""
+    which loading the package peaked at 4.2x the weights (benchmarks/NOTES.md). After a cold compile (an empty
+    Inductor cache) one of them also holds the program's own constants as `_tensor_constant<i>` buffers (the
+    convolutions `prepack_onednn` packed, with donated weights: SD1.5, 2.5 GB at the load). The compiled library
+    is written and holds its own copy; nothing runs these graphs again."""
     released = 0
     for gm in [gm for gm in _live_graph_modules() if id(gm) not in graph_modules_before]:
-        for name in [k for k in gm._buffers if k.startswith("_frozen_param")]:
+        for name in [k for k in gm._buffers if k.startswith(("_frozen_param", "_tensor_constant"))]:
             t = gm._buffers.pop(name)
-            released += t.numel() * t.element_size() if t is not None else 0
+            if isinstance(t, torch.Tensor):
+                released += torch.ops.mkldnn._nbytes(t) if t.is_mkldnn else t.numel() * t.element_size()
     if released:
         _return_freed_heap_to_os()
     return released
+
+
+@contextlib.contextmanager
+def _free_params_once_lowered(ep: torch.export.ExportedProgram):
+    """While an AOT compile of `ep` runs: once Inductor has lowered the frozen graph, and before AOTInductor
+    serialises its constants, free every parameter of `ep` that is not one of those constants.
+
+    Why: AOTInductor copies all constants into one buffer (1x the weights) while they are alive; the parameters
+    freezing replaced by packed copies were still held (by the caller's donated model and the frozen graph)
+    beside them: SD1.5, the 0.97 GB of linear weights MKL packed, which the frozen graph names as the packed
+    op's fallback operand but the library does not keep. Wraps `AotCodeCompiler.compile` (Inductor calls it by
+    attribute) for the duration of the compile; where it is missing, the parameters are freed after the compile."""
+    from torch._inductor.codecache import AotCodeCompiler
+
+    from .. import passes as graph_passes
+
+    real_compile = AotCodeCompiler.__dict__.get("compile")
+    if not isinstance(real_compile, classmethod):  # another torch
+        yield
+        return
+    params = [ep.state_dict[n] for n in ep.graph_signature.parameters if n in ep.state_dict]
+
+    def compile_and_free_first(cls, graph, *args, **kwargs):
+        constants = [*graph.constants.values()]
+        constants += [graph.get_original_value_of_constant(n) for n in graph.constants
+                      if n in getattr(graph, "allocated_constant_name", {})]
+        kept = {t.untyped_storage().data_ptr() for t in constants
+                if isinstance(t, torch.Tensor) and not t.is_mkldnn and t.layout == torch.strided}
+        del constants
+        freed = sum(graph_passes.free_storage(p) for p in params
+                    if p.is_mkldnn or p.layout != torch.strided or p.untyped_storage().data_ptr() not in kept)
+        if freed:
+            _return_freed_heap_to_os()
+        return real_compile.__func__(cls, graph, *args, **kwargs)
+
+    AotCodeCompiler.compile = classmethod(compile_and_free_first)
+    try:
+        yield
+    finally:
+        AotCodeCompiler.compile = real_compile
 
 
 def _return_freed_heap_to_os() -> None:
@@ -533,20 +580,27 @@ class AotRunner:
         return cls.load_package(cls.write_package(ep, options, doc))
 
     @staticmethod
-    def write_package(ep, options: InductorOptions, doc: dict) -> tuple:
-        """`compile`'s first half: the package, not loaded (a caller can drop `ep` before loading it)."""
+    def write_package(ep, options: InductorOptions, doc: dict, donate_weights: bool = False) -> tuple:
+        """`compile`'s first half: the package, not loaded (a caller can drop `ep` before loading it).
+        `donate_weights`: see `aot_compile`."""
         tmp = tempfile.TemporaryDirectory(prefix="compiled_unet_aoti_")
         path = os.path.join(tmp.name, "model.pt2")
         # The complete artifact document, as `save` writes it: saving is then a plain copy of this package.
         doc = {**doc, "format": FORMAT, "options": _options_doc(options),
                "constants": constant_specs(ep, list(ep.state_dict) + list(ep.constants))}
         t0 = time.perf_counter()
-        aot_compile(ep, options, path, {META_KEY: json.dumps(doc)})
+        aot_compile(ep, options, path, {META_KEY: json.dumps(doc)}, donate_weights)
         return path, doc, tmp, time.perf_counter() - t0
 
     @classmethod
     def load_package(cls, package: tuple) -> "AotRunner":
-        """`compile`'s second half: load what `write_package` wrote."""
+        """`compile`'s second half: load what `write_package` wrote.
+
+        The compile's graphs are garbage by now but sit in reference cycles, some with packed weights (SD1.5, a
+        donated compile: 2.6 GB); the load copies the weights out of the library while its pages are mapped
+        (2x the weights for a moment), so that garbage is collected and its heap returned to the system first."""
+        gc.collect()
+        _return_freed_heap_to_os()
         return cls(*package)
 
     @classmethod

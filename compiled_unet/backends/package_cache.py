@@ -24,6 +24,7 @@ eight, within COMPILED_UNET_CACHE_MAX_GB gigabytes (default 8); COMPILED_UNET_PA
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -169,4 +170,10 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview | None:
     elif t.layout != torch.strided:
         return None
     t = t.cpu().contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    if not t.numel():
+        return memoryview(b"")
+    # Not `t.numpy()`: a numpy view marks the storage as not resizable for good, and a model given to
+    # `compile(..., donate_weights=True)` could then not be freed. The array keeps `t` alive while it is read.
+    data = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    data.tensor = t
+    return memoryview(data).cast("B")
