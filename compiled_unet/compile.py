@@ -105,11 +105,13 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
     passes = None if passes is None else list(passes)
     if backend == "inductor" and options.prepack_weights and graph_passes.prepack_onednn not in (passes or []):
         passes = (passes or []) + [graph_passes.prepack_onednn]  # last: nothing may run on packed weights
-    elif (donate_weights and backend == "inductor" and options.aot and options.freezing and passes is not None
+    elif (backend == "inductor" and options.aot and options.freezing and passes is not None
           and sample.device.type == "cpu" and sample.dtype == torch.float32 and torch.backends.mkldnn.is_available()):
-        # A package freezes its weights: Inductor packs them while the model's copy is alive. Donating, the passes
-        # pack the convolutions instead, freeing each original as they go, and freezing keeps the packed ones (the
-        # program `save` packages for a jit graph). Linears left to MKL are packed by freezing, as without donating.
+        # A package freezes its weights; the passes pack the convolutions (freezing keeps the packed ones, as in the
+        # program `save` packages for a jit graph), so that donated weights are freed one by one as they are packed
+        # (freezing's own packing, with its channels-last copies, peaked at 2.65x the weights donated, 2.05x this
+        # way), and a donated compile is the same program as a plain one (one package-cache entry for both).
+        # Linears left to MKL are packed by freezing.
         passes = passes + [graph_passes.prepack_onednn]
 
     if not isinstance(progress, CompileProgress):
