@@ -73,9 +73,10 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
         reading it (the float32 CPU jit default packs every convolution and linear weight, so the compile then
         holds ~1x the weights instead of the model's copy plus the packed one: SD1.5 32x32, benchmarks/NOTES.md).
         `unet` cannot run afterwards (calling it raises, naming this argument); `derive_weights` and
-        `swap_weights` still work (they need only the weights' shapes). A float32 CPU AOT package then gets its
-        convolution weights packed by the passes too (freed as packed) instead of by Inductor's freezing; its
-        packaging still holds AOTInductor's one buffer of all constants (~1x) at its peak.
+        `swap_weights` still work (they need only the weights' shapes). A frozen package (the same program as
+        without donating) frees its convolution weights as the passes pack them, every other weight the library
+        does not keep before AOTInductor serialises its constants, and the rest once the package is written; its
+        peak is AOTInductor's one buffer of all constants beside the packed weights (SD1.5: 2.05x the weights).
     With FreeU enabled on our UNet, its scales become graph inputs: the compiled UNet's `enable_freeu` /
     `disable_freeu` then change them without a recompile.
     """
