@@ -404,9 +404,9 @@ def only_user(node: fx.Node) -> fx.Node | None:
 
 def free_storage(t: Any, keep=()) -> int:
     """Free the memory of `t`'s storage for every tensor that views it (resized to zero bytes), unless one of the
-    tensors in `keep` shares it or the memory is not torch's to free; returns the bytes freed. For donated weights (`donate_weights=True`) only: any
-    other holder of that storage, the caller's model included, is left with an empty tensor. Opaque (oneDNN)
-    tensors are not freed here; they go when their last reference does."""
+    tensors in `keep` shares it or the memory is not torch's to free; returns the bytes freed. For donated weights
+    (`donate_weights=True`) only: any other holder of that storage, the caller's model included, is left with an
+    empty tensor. Opaque (oneDNN) tensors are not freed here; they go when their last reference does."""
     if not isinstance(t, torch.Tensor) or t.is_mkldnn or t.layout != torch.strided:
         return 0
     storage = t.untyped_storage()
