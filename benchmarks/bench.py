@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ours-options", default=None, help="JSON of InductorOptions fields for ours, e.g. '{\"freezing\": false}'")
     p.add_argument("--recipe-mode", default=None, help="torch.compile mode for the recipe instead of the device's "
                                                         "(default, reduce-overhead, max-autotune, ...)")
+    p.add_argument("--recipe-config", default=None,
+                   help="JSON of torch._inductor.config entries merged over the recipe's own (e.g. "
+                        "'{\"coordinate_descent_tuning\": false}' when a device lease is short)")
     p.add_argument("--no-diffusers", action="store_true", help="baseline = our eager model even if diffusers is installed")
     p.add_argument("--profile", action="store_true", help="also print per-block / per-op times vs counted FLOPs and "
                                                           "the measured matmul peak")
@@ -77,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CI smoke: tiny preset at its 16x16 latent (the demo's "
                                                         "graph: Inductor's cache from the demo applies), 1 warm-up, 3 rounds, "
                                                         "compile-times reuse, no RESULTS.md row")
+    p.add_argument("--max-rel-l2", type=float, default=None,
+                   help="mark a variant failed (exit 1) when its relative L2 error vs the fp32 reference exceeds this")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     # Internal: compile-time probes (run in a subprocess by --compile-times probe).
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
@@ -106,6 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _json(text: str | None) -> dict | None:
+    return json.loads(text) if text else None
+
+
 def _case_argv(args) -> list[str]:
     out = ["--preset", args.preset, "--batch", str(args.batch), "--device", args.device, "--dtype", args.dtype]
     if args.size:
@@ -116,6 +125,8 @@ def _case_argv(args) -> list[str]:
         out.append("--no-diffusers")
     if args.recipe_mode:
         out += ["--recipe-mode", args.recipe_mode]
+    if args.recipe_config:
+        out += ["--recipe-config", args.recipe_config]
     if args.threads:
         out += ["--threads", str(args.threads)]
     return out
@@ -187,7 +198,8 @@ def probe_main(args) -> int:
         model = case.base if diffusers_model else case.ours
         weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         with PeakRss() as rss:
-            b = build(args.probe, case, json.loads(args.ours_options) if args.ours_options else None, args.recipe_mode)
+            b = build(args.probe, case, json.loads(args.ours_options) if args.ours_options else None, args.recipe_mode,
+                      recipe_config=_json(args.recipe_config))
         rec = {"first_call_s": b.first_call_s, "weight_bytes": weight_bytes, "rss_before_compile": rss.before,
                "rss_peak_compile": rss.peak, "rss_peak_sampled": rss.sampled_peak, "rss_peak_exact": rss.exact}
         if args.probe_save and b.name == "ours-aot":
@@ -382,7 +394,8 @@ def main(argv=None) -> int:
                     before = torch.cuda.memory_allocated(device)
                 log(f"[{name}] " + ("loading the probe's package" if name in packages else
                                     "building" + (" (compiling)" if compiled else "")))
-                b = built[name] = variants.build(name, case, overrides, args.recipe_mode, package=packages.get(name))
+                b = built[name] = variants.build(name, case, overrides, args.recipe_mode, package=packages.get(name),
+                                                 recipe_config=_json(args.recipe_config))
                 row.update(role=b.role, label=b.label, first_call_s=b.first_call_s, options=b.options)
                 if b.load_s is not None and row["load_s"] is None:
                     row["load_s"] = b.load_s
@@ -406,7 +419,10 @@ def main(argv=None) -> int:
         for name, b in built.items():
             with torch.no_grad():
                 out = b.fn().float().cpu().clone()
-            rows[name]["rel_l2_err"] = measure.rel_l2(out, case.ref)
+            rows[name]["rel_l2_err"] = err = measure.rel_l2(out, case.ref)
+            if args.max_rel_l2 is not None and not err <= args.max_rel_l2:  # NaN fails too
+                rows[name]["error"] = f"relative L2 error {err:.2e} > --max-rel-l2 {args.max_rel_l2:g}"
+                log(f"[{name}] FAILED: {rows[name]['error']}")
             rows[name]["peak_forward_bytes"] = measure.peak_forward_bytes(b.fn, device)
 
         peak = flops = None
@@ -455,7 +471,8 @@ def main(argv=None) -> int:
         "wall_s": time.time() - started, "machine": info, "machine_line": measure.describe(info),
         "case": {"preset": args.preset, "size": case.size, "batch": args.batch, "device": device_tag,
                  "dtype": args.dtype, "describe": case.describe()},
-        "baseline": case.baseline, "roles": roles, "recipe": variants.recipe_for(device, args.recipe_mode),
+        "baseline": case.baseline, "roles": roles,
+        "recipe": variants.recipe_for(device, args.recipe_mode, _json(args.recipe_config)),
         "settings": {"warmup": args.warmup, "rounds": args.rounds, "inner": args.inner,
                      "compile_times": args.compile_times, "ours_options": overrides},
         "error_reference": f"{'diffusers' if case.has_diffusers else 'ours'} eager, float32, same weights and inputs",

@@ -225,11 +225,14 @@ def _timed_first(fn: Forward, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def recipe_for(device: torch.device, mode: str | None = None) -> dict:
-    """The device's recipe; `mode` replaces its torch.compile mode ("default" = None)."""
+def recipe_for(device: torch.device, mode: str | None = None, config: dict | None = None) -> dict:
+    """The device's recipe; `mode` replaces its torch.compile mode ("default" = None), `config` entries are
+    merged over its Inductor config."""
     recipe = dict(RECIPES["cuda" if device.type == "cuda" else "cpu"])
     if mode is not None:
         recipe["mode"] = None if mode == "default" else mode
+    if config:
+        recipe["inductor_config"] = {**recipe["inductor_config"], **config}
     return recipe
 
 
@@ -237,7 +240,7 @@ AOT_LABEL = "ours compiled (Inductor, AOT package)"
 
 
 def build(name: str, case: Case, overrides: dict | None = None, recipe_mode: str | None = None,
-          package: str | None = None) -> Built:
+          package: str | None = None, recipe_config: dict | None = None) -> Built:
     """Build one variant; compiled ones are compiled (and run once) here. `package`: for ours-aot, load this
     saved `.pt2` instead of compiling (what a server does; first_call_s is then load + first forward)."""
     x, t, kw = case.sample, case.timestep, case.kwargs
@@ -265,7 +268,7 @@ def build(name: str, case: Case, overrides: dict | None = None, recipe_mode: str
         model = case.ours
         return Built(name, "c", "ours eager", lambda: model(x, t, **kw, return_dict=False)[0])
     if name in ("diffusers-compile", "torch-compile"):
-        recipe = recipe_for(dev, recipe_mode)
+        recipe = recipe_for(dev, recipe_mode, recipe_config)
         model = shared_copy(case.base)
         if recipe["fuse_qkv"]:
             model.fuse_qkv_projections()

@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -73,6 +74,29 @@ def test_gpu_sh_dry():
     assert "tiny 8x8 batch 1" in summary and "diffusers-eager" in summary and "ours-eager" in summary
 
 
+def test_benchmarks_run_from_a_bare_checkout():
+    """On a machine where the project is not installed (the GPU machine), nothing maps the top-level passes/
+    folder to `compiled_unet.passes`: importing `benchmarks` maps it (benchmarks/_bare_checkout.py). Simulated
+    here by removing the editable install's finder; an installed package would still win."""
+    code = textwrap.dedent("""
+        import sys
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+        try:
+            import compiled_unet
+            raise SystemExit("compiled_unet imported without the editable finder: the test shows nothing")
+        except ImportError:
+            pass
+        for name in [m for m in sys.modules if m.startswith("compiled_unet")]:
+            del sys.modules[name]
+        import benchmarks, compiled_unet
+        print(compiled_unet.passes.__file__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.strip() == os.path.join(ROOT, "passes", "__init__.py")
+
+
 def test_records_and_plot(tmp_path):
     """RESULTS.md rows append atomically under the header; the PNG chart is a valid image."""
     from benchmarks import bench
@@ -123,3 +147,16 @@ def test_cli_bench_routes_to_benchmarks(capsys):
         cli.main(["bench", "--variants", "nope"])
     assert e.value.code == 2
     assert "unknown variant 'nope'" in capsys.readouterr().err
+
+
+def test_recipe_config_merges_over_the_recipe():
+    """gpu.sh's short-lease mode turns the recipe's coordinate descent off; the rest of the recipe stays."""
+    import torch
+
+    from benchmarks.variants import RECIPES, recipe_for
+
+    cuda = torch.device("cuda")
+    recipe = recipe_for(cuda, "reduce-overhead", {"coordinate_descent_tuning": False})
+    assert recipe["mode"] == "reduce-overhead" and recipe["inductor_config"]["coordinate_descent_tuning"] is False
+    assert recipe["inductor_config"]["conv_1x1_as_mm"] is True and recipe["fuse_qkv"] is True
+    assert RECIPES["cuda"]["inductor_config"]["coordinate_descent_tuning"] is True  # the table is not modified

@@ -413,6 +413,29 @@ def test_weights_lifted_from_the_program_as_the_unlift_would(compiled_jit):
     assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
+def test_jit_graph_takes_no_constant_inputs(compiled_jit):
+    """`return_dict` is a bool placeholder of the exported program; Inductor before 2.13 refuses a bool graph
+    input (seen on the GPU machine's torch 2.11: "Unsupported inductor graph input type: BooleanFalse"). The jit
+    graph drops it and every call leaves it out: only tensors reach the compiled code."""
+    runner = compiled_jit._runner
+    vals = [n.meta.get("val") for n in runner.module.graph.find_nodes(op="placeholder")]
+    user = vals[len(runner.weights):]
+    assert all(isinstance(v, torch.Tensor) for v in user), [type(v).__name__ for v in user]
+    assert runner._user_leaf_kept.count(False) == 1  # return_dict
+
+
+def test_dropping_constant_inputs_keeps_read_ones():
+    from compiled_unet.backends.inductor import _drop_unused_constant_inputs
+
+    g = torch.fx.Graph()
+    x, flag, scale, w = (g.placeholder(n) for n in ("x", "flag", "scale", "w"))
+    x.meta["val"], flag.meta["val"], scale.meta["val"] = torch.ones(2), False, 2.0  # w: no example value
+    g.output(g.call_function(torch.mul, (x, scale)))
+    module = torch.fx.GraphModule(torch.nn.Module(), g)
+    assert _drop_unused_constant_inputs(module) == [True, False, True, True]  # a read constant and w stay
+    assert torch.equal(module(torch.ones(2), 3.0, None), torch.full((2,), 3.0))
+
+
 def test_buffer_writes_behave_as_in_the_unlifted_module():
     """A functional program returns its buffer writes as outputs: the unlift applies them, so the direct path
     declines (None). A program that writes a buffer in place keeps the write in its graph: the weights-as-inputs

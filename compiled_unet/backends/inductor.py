@@ -195,8 +195,12 @@ class JitRunner:
             if options.channels_last:
                 _to_channels_last(self.module)
             self.weights: dict[str, torch.Tensor] = {} if options.freezing else _lift_weights(self.module)
+        # Leaves the graph does not read and that are no tensors (`return_dict`): dropped from the graph and from
+        # every call, since Inductor < 2.13 refuses a bool graph input.
+        n_weights = len(self.weights)
+        self._user_leaf_kept = _drop_unused_constant_inputs(self.module)[n_weights:]
         args, kwargs = self.prepare(args, kwargs)
-        flat = list(self.weights.values()) + pytree.tree_flatten((args, kwargs))[0]
+        flat = list(self.weights.values()) + self._user_leaves(args, kwargs)
         t0 = time.perf_counter()
         cfg = _compile_config(options, ep)
         # Some entries (notably `freezing`, which enables CPU weight prepacking into oneDNN kernels) are read
@@ -217,10 +221,14 @@ class JitRunner:
         return args, kwargs
 
     def __call__(self, args: tuple, kwargs: dict):
-        flat = pytree.tree_flatten((args, kwargs))[0]
+        flat = self._user_leaves(args, kwargs)
         with torch.no_grad():
             out = self.compiled(*self._weight_list, *flat)
         return tuple(pytree.tree_unflatten(list(out), self.out_spec))
+
+    def _user_leaves(self, args: tuple, kwargs: dict) -> list:
+        flat = pytree.tree_flatten((args, kwargs))[0]
+        return [leaf for leaf, kept in zip(flat, self._user_leaf_kept, strict=True) if kept]
 
     def constant_specs(self) -> dict[str, list]:
         names = [n for n, _ in self.module.named_parameters()] + [n for n, _ in self.module.named_buffers()]
@@ -305,6 +313,20 @@ def _program_device(ep: torch.export.ExportedProgram) -> torch.device:
 
 def _options_doc(options: InductorOptions) -> dict:
     return {k: v for k, v in dataclasses.asdict(options).items() if k != "inductor_config"}
+
+
+def _drop_unused_constant_inputs(module: torch.fx.GraphModule) -> list[bool]:
+    """Erase the placeholders that no node reads and whose example value is no tensor (a constant input such as
+    `return_dict`); returns, per original placeholder, whether it was kept."""
+    kept = []
+    for node in module.graph.find_nodes(op="placeholder"):
+        unused_constant = not node.users and isinstance(node.meta.get("val", ...), (bool, int, float, str))
+        if unused_constant:
+            module.graph.erase_node(node)
+        kept.append(not unused_constant)
+    if not all(kept):
+        module.recompile()
+    return kept
 
 
 def _flat_module(ep: torch.export.ExportedProgram):
