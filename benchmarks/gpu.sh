@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu.sh                 # gate (tiny), SD1.5 64x64 batch 2, SDXL 128x128 batch 2, bf16: ~8 min
 #   bash benchmarks/gpu.sh --max-autotune  # the published recipe in full and ours with max_autotune (~20+ min)
 #   bash benchmarks/gpu.sh --wheels .whl   # first install the wheels in .whl (e.g. diffusers) into a temp folder
+#   bash benchmarks/gpu.sh --tests         # also run the GPU tests (pytest -m gpu) after the gate
 #   bash benchmarks/gpu.sh --dry           # CPU, tiny preset, eager variants, seconds: what CI runs
 #   extra arguments go to every benchmarks.bench call (e.g. --rounds 10, --variants ...)
 #
@@ -32,12 +33,13 @@ PY="${PYTHON:-python}"
 TMPS=()
 trap 'rm -rf "${TMPS[@]}"' EXIT
 
-DRY=0 FULL=0 WANT_WHEELS=0 WHEELS=""
+DRY=0 FULL=0 TESTS=0 WANT_WHEELS=0 WHEELS=""
 EXTRA=()
 for a in "$@"; do
   case "$a" in
     --dry) DRY=1 ;;
     --max-autotune) FULL=1 ;;
+    --tests) TESTS=1 ;;
     --wheels) WANT_WHEELS=1 ;;
     *) if [ "$WANT_WHEELS" = 1 ]; then WHEELS="$a"; WANT_WHEELS=0; else EXTRA+=("$a"); fi ;;
   esac
@@ -80,6 +82,10 @@ if [ "$DRY" = 0 ]; then
       --variants eager,ours-eager,ours-inductor --compile-times reuse --no-record --max-rel-l2 0.05 \
       --out-dir "$GATE" "${EXTRA[@]}" \
     || { echo "gpu.sh: the gate (tiny case) failed; the SD1.5/SDXL cases were not run" >&2; exit 3; }
+  if [ "$TESTS" = 1 ]; then
+    echo "=== GPU tests (pytest -m gpu)"
+    "$PY" -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) || STATUS_TESTS=1
+  fi
 fi
 
 DATE="$(date +%F)"
@@ -100,4 +106,5 @@ done
 echo
 echo "=== summary ($((SECONDS - START)) s)"
 if [ "${#JSONS[@]}" -gt 0 ]; then "$PY" -m benchmarks.summary "${JSONS[@]}"; else echo "no results"; STATUS=1; fi
+[ "${STATUS_TESTS:-0}" = 1 ] && { echo "gpu.sh: GPU tests failed (above)"; STATUS=1; }
 exit $STATUS

@@ -165,7 +165,9 @@ def _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwarg
             runner = OpenXlaRunner(optimized, args, kwargs)
         elif options.aot:
             params = [optimized.state_dict[n] for n in optimized.graph_signature.parameters]
-            held = _storage_bytes(params)
+            # the caller's weights still alive (a pass-made parameter, e.g. a fused QKV weight, is nobody's model)
+            given = _storage_bytes(exported.state_dict[n] for n in exported.graph_signature.parameters)
+            held = {ptr: n for ptr, n in _storage_bytes(params).items() if ptr in given}
             package = AotRunner.write_package(optimized, options, artifact_doc(signature, config_dict, freeu, fused),
                                               donate_weights)
             if options.freezing:
@@ -176,7 +178,8 @@ def _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwarg
                     for p in params:
                         graph_passes.free_storage(p)
                     if report is not None:  # what this compile freed past the passes (freezing's, then these)
-                        report.donated_bytes += sum(held.values()) - sum(_storage_bytes(params).values())
+                        left = _storage_bytes(params)
+                        report.donated_bytes += sum(n - left.get(ptr, 0) for ptr, n in held.items())
                 exported = optimized = None
             del params
             runner = AotRunner.load_package(package)

@@ -129,7 +129,8 @@ def _install_counting_wrappers() -> bool:
                 self.inner, self.progress = inner, progress
 
             def result(self, timeout=None):
-                kernel = self.inner.result(timeout)
+                # torch < 2.13's LambdaFuture.result() takes no timeout
+                kernel = self.inner.result() if timeout is None else self.inner.result(timeout)
                 self.progress.kernel_done()
                 return kernel
 

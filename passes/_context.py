@@ -170,7 +170,11 @@ class PassContext:
         # buffers (and parameters) the program writes; passes never change an output spec's kind
         self._mutated = frozenset(s.target for s in output_specs
                                   if s.kind.name in ("BUFFER_MUTATION", "PARAMETER_MUTATION"))
-        self.donated_bytes = 0  # config.donate_weights: parameter memory freed so far
+        self.donated_bytes = 0  # config.donate_weights: the program's own parameter memory freed so far
+        # Storages of the parameters the program came with (the caller's model's): only their memory counts as
+        # donated; parameters a pass made (a fused QKV weight) are freed too, but are nobody's model.
+        self._given = {t.untyped_storage().data_ptr() for t in state_dict.values()
+                       if isinstance(t, torch.Tensor) and not t.is_mkldnn and t.layout == torch.strided}
 
     # ----- signature lookups
     def spec(self, node: fx.Node) -> InputSpec | None:
@@ -284,7 +288,12 @@ class PassContext:
     def _donate(self, t: Any) -> None:
         """Free `t`'s memory for every holder (the caller's model too), unless a tensor the program still holds
         shares its storage. Parameters only: lifted constants stay (derive_weights re-runs the passes on them)."""
-        self.donated_bytes += free_storage(t, keep=(*self.state_dict.values(), *self.constants.values()))
+        ptr = t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) and not t.is_mkldnn \
+            and t.layout == torch.strided else None
+        freed = free_storage(t, keep=(*self.state_dict.values(), *self.constants.values()))
+        if freed and ptr in self._given:
+            self._given.discard(ptr)  # a later allocation may reuse the address
+            self.donated_bytes += freed
 
     # ----- creating nodes
     def call(self, target: Callable, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:

@@ -62,7 +62,7 @@ class PassReport:
     nodes_before: int
     ops_before: collections.Counter
     stats: list[PassStat] = dataclasses.field(default_factory=list)
-    donated_bytes: int = 0  # OptimizeConfig(donate_weights=True): parameter memory freed by the passes
+    donated_bytes: int = 0  # OptimizeConfig(donate_weights=True): the program's own parameter memory the passes freed
 
     @property
     def rewrites(self) -> dict[str, int]:

@@ -474,7 +474,7 @@ def _compile_and_package(ep: torch.export.ExportedProgram, package_path: str, cf
         graph_modules_before = _graph_module_ids()
         # Inductor applies freezing (and with it CPU weight prepacking) only when grad mode is off.
         donated = _free_params_once_lowered(ep) if donate_weights and cfg.get("freezing") else contextlib.nullcontext()
-        with torch.no_grad(), donated:
+        with torch.no_grad(), donated, _packed_buffers_not_cloned():
             if _package_aoti_files is None:
                 path = torch._inductor.aoti_compile_and_package(ep, package_path=package_path, inductor_configs=cfg)
                 _drop_frozen_constants(graph_modules_before)
@@ -499,6 +499,7 @@ def _compile_and_package(ep: torch.export.ExportedProgram, package_path: str, cf
 
 
 _MAPPED_WRITE_BYTES = 16 << 20
+
 
 
 def _live_graph_modules() -> list[torch.fx.GraphModule]:
@@ -527,6 +528,34 @@ def _drop_frozen_constants(graph_modules_before: set[int]) -> int:
     if released:
         _return_freed_heap_to_os()
     return released
+
+
+def _packed_buffers_not_cloned():
+    """torch < 2.13 unlifts a program's constants as buffers, and AOTInductor clones every buffer (a buffer may be
+    mutated) through `as_strided`, which an opaque oneDNN tensor (passes/prepack_onednn.py) has no kernel for
+    ("could not find kernel for aten.as_strided.default"). Packed weights are never mutated: they pass through
+    uncloned, as 2.13 treats them. Patches the name compile_fx looks up, for the compile's duration (under
+    `_COMPILING`)."""
+    from torch._inductor import compile_fx
+
+    real = getattr(compile_fx, "clone_preserve_strides", None)
+    if real is None:
+        return contextlib.nullcontext()
+
+    def clone_unless_packed(x):
+        return x if isinstance(x, torch.Tensor) and x.is_mkldnn else real(x)
+
+    return _patched(compile_fx, "clone_preserve_strides", clone_unless_packed)
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    real = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, real)
 
 
 @contextlib.contextmanager
