@@ -5,6 +5,7 @@ a linear); the key tests compile nothing. Compiled vs eager: max-abs <= 1e-4 x s
 from __future__ import annotations
 
 import os
+import shutil
 import zipfile
 
 import pytest
@@ -48,11 +49,19 @@ def test_second_compile_of_the_same_program_is_the_cached_package(package_folder
     real_testzip, real_verify = zipfile.ZipFile.testzip, aoti_library._verify_or_extract
     monkeypatch.setattr(zipfile.ZipFile, "testzip", lambda z: (read.append("entry"), real_testzip(z))[1])
     monkeypatch.setattr(aoti_library, "_verify_or_extract", lambda *a: (read.append("copy"), real_verify(*a)))
+    # The first load checked the package: the entry copied from it is vouched for, so its first reuse reads
+    # nothing, and neither does loading the copy handed out.
+    (entry,) = [os.path.join(package_folder, name) for name in os.listdir(package_folder)]
+    assert aoti_library.is_verified(entry)
     again = AotRunner.compile(_program()[0], options, {})  # exported again: the same content, the same key
-    # The entry is read once (its checksums); the copy handed out is vouched for, so loading it reads nothing.
-    assert read == ["entry"]
+    assert read == []
     third = AotRunner.compile(_program()[0], options, {})
-    assert read == ["entry"], "an unchanged cache entry or the copy made of it was read again"
+    assert read == [], "an unchanged cache entry or the copy made of it was read"
+    # An entry this process did not vouch for (a cache copied in from elsewhere) is read once before its use.
+    shutil.copyfile(entry, entry + ".incoming")
+    os.replace(entry + ".incoming", entry)
+    AotRunner.compile(_program()[0], options, {})
+    assert read == ["entry"]
     out_first, out_again = first(*first.prepare((x,), {}))[0], again(*again.prepare((x,), {}))[0]
     assert torch.equal(out_first, out_again)
     assert torch.equal(out_first, third(*third.prepare((x,), {}))[0])

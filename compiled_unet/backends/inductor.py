@@ -652,7 +652,9 @@ class AotRunner:
         (2x the weights for a moment), so that garbage is collected and its heap returned to the system first."""
         gc.collect()
         _return_freed_heap_to_os()
-        return cls(*package)
+        runner = cls(*package)
+        package_cache.vouch_for_stored(runner.package_path)  # the load checked it: so is the cache's copy
+        return runner
 
     @classmethod
     def load(cls, path: str) -> "AotRunner":
