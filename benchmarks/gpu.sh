@@ -29,7 +29,7 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"  # the GPU machine has python3 only
 TMPS=()
 trap 'rm -rf "${TMPS[@]}"' EXIT
 
