@@ -47,6 +47,11 @@ def test_the_measurement_times_both_kernels():
     assert set(times) == {"onednn", "mkl"} and all(v > 0 for v in times.values())
 
 
+@needs_both
+def test_mkl_packed_linear_runs_as_a_graph_op_on_the_pinned_torch():
+    assert cpu_kernels.mkl_packed_op_runs()  # torch 2.13; older releases fall back (tests/xla)
+
+
 def test_linear_kernel_option_is_checked():
     with pytest.raises(ValueError, match="linear_kernel must be 'onednn', 'mkl' or None"):
         InductorOptions(linear_kernel="cublas")

@@ -38,6 +38,24 @@ def mkl_available() -> bool:
 
 
 @functools.cache
+def mkl_packed_op_runs() -> bool:
+    """Whether the jit graph's MKL linear (passes/prepack_mkl_linear.py's custom op) runs here: torch < 2.13's
+    custom-op wrapper reads every argument's storage to check aliasing and refuses MKL's packed (opaque) weight
+    ("Cannot access storage of OpaqueTensorImpl", seen on torch 2.9). Tried once on a 2x4 linear."""
+    if not mkl_available():
+        return False
+    from .. import passes  # noqa: F401  (registers compiled_unet::mkl_linear)
+
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    try:
+        y = torch.ops.compiled_unet.mkl_linear(x, torch.ops.mkl._mkl_reorder_linear_weight(w, 2), w, None)
+    except (NotImplementedError, RuntimeError) as e:
+        log.info("compiled_unet: MKL's packed linear cannot run as a graph op in this torch (%s); oneDNN instead", e)
+        return False
+    return torch.allclose(y, x @ w.T, rtol=1e-4, atol=1e-5)
+
+
+@functools.cache
 def faster_linear_kernel() -> str:
     """'mkl' or 'onednn' for float32 linears on this CPU (measured the first time on this machine, then read)."""
     if not (mkl_available() and torch.backends.mkldnn.is_available()):

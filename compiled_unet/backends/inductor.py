@@ -128,7 +128,14 @@ class InductorOptions:
         if self.linear_kernel == "mkl" and (kind != "cpu" or not cpu_kernels.mkl_available()):
             raise ValueError(f"InductorOptions(linear_kernel='mkl') runs linears with MKL on CPU; the inputs are on "
                              f"{device}" + ("" if kind != "cpu" else " and this torch has no MKL"))
-        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        resolved = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        if resolved.linear_kernel == "mkl" and resolved.prepack_weights and not cpu_kernels.mkl_packed_op_runs():
+            if self.linear_kernel == "mkl":
+                raise ValueError("InductorOptions(linear_kernel='mkl') with packed weights (the float32 CPU jit "
+                                 f"default) needs MKL's packed linear as a graph op, which torch {torch.__version__} "
+                                 "cannot run; use linear_kernel='onednn', or freezing=True (Inductor packs for MKL)")
+            resolved = dataclasses.replace(resolved, linear_kernel="onednn")
+        return resolved
 
     def swap_refusal_reason(self) -> str | None:
         """Why a graph compiled with these (resolved) options cannot swap weights; None when it can."""

@@ -2,7 +2,8 @@
 environment pins 2.13). Each case here failed on an older torch before it was fixed:
   * a bool graph input (`return_dict`) that Inductor < 2.13 refuses (seen on the GPU machine's torch 2.11);
   * the progress line's kernel counter calling `result(timeout)` on a future that takes no timeout;
-  * an AOT package of convolutions packed by the passes: torch < 2.13 clones every buffer, packed ones too.
+  * an AOT package of convolutions packed by the passes: torch < 2.13 clones every buffer, packed ones too;
+  * MKL's packed linear as a custom op of the jit graph: torch < 2.13 reads its opaque weight's storage.
 Tolerance: max-abs <= 1e-4 x max(1, max |eager|) (fp32, the same math up to summation order).
 """
 from __future__ import annotations
@@ -49,3 +50,16 @@ def test_aot_package_with_packed_convolutions(case, tmp_path):
     with torch.no_grad():
         assert_close(compiled(sample, timestep, **kwargs).sample, ref, scale_tol=1e-4)
         assert_close(loaded(sample, timestep, **kwargs).sample, ref, scale_tol=1e-4)
+
+
+def test_mkl_linears_in_the_jit_graph_only_where_they_run():
+    from compiled_unet.backends import cpu_kernels
+
+    cpu = torch.device("cpu")
+    if cpu_kernels.mkl_packed_op_runs():
+        assert InductorOptions(linear_kernel="mkl").resolve(cpu).linear_kernel == "mkl"
+    else:  # torch 2.9: the default never picks it, and asking for it says why
+        assert InductorOptions().resolve(cpu).linear_kernel == "onednn"
+        with pytest.raises(ValueError, match="linear_kernel='onednn'"):
+            InductorOptions(linear_kernel="mkl").resolve(cpu)
+    assert InductorOptions(linear_kernel="mkl", freezing=True).resolve(cpu).linear_kernel == "mkl"
