@@ -508,7 +508,6 @@ def _compile_and_package(ep: torch.export.ExportedProgram, package_path: str, cf
 _MAPPED_WRITE_BYTES = 16 << 20
 
 
-
 def _live_graph_modules() -> list[torch.fx.GraphModule]:
     return [o for o in gc.get_objects() if issubclass(type(o), torch.fx.GraphModule)]
 

@@ -17,10 +17,11 @@ already cached), and a frozen package embeds the weights, which Inductor's cache
 What is not covered (a tensor subclass or layout we cannot read, a program on a device other than CPU/CUDA)
 is simply not cached. A cached package is checked (zip checksums) before its first use, and trusted afterwards
 while the file is unchanged (aoti_library's records); a damaged one is removed and compiled again. An entry
-copied from a package this process compiled is vouched for once that package's first load has checked it. The copy
-handed out is recorded as verified, so loading it reads nothing again. Entries live under Inductor's cache folder (`compiled_unet_packages/`), so a fresh Inductor
-cache is a cold compile here too, and `compile(cache_dir=...)` carries them. Kept: the most recently used
-eight, within COMPILED_UNET_CACHE_MAX_GB gigabytes (default 8); COMPILED_UNET_PACKAGE_CACHE=0 turns it off.
+copied from a package this process compiled is vouched for once that package's first load has checked it. The
+copy handed out is recorded as verified, so loading it reads nothing again. Entries live under Inductor's cache
+folder (`compiled_unet_packages/`), so a fresh Inductor cache is a cold compile here too, and
+`compile(cache_dir=...)` carries them. Kept: the most recently used eight, within COMPILED_UNET_CACHE_MAX_GB
+gigabytes (default 8); COMPILED_UNET_PACKAGE_CACHE=0 turns it off.
 """
 from __future__ import annotations
 
