@@ -198,7 +198,7 @@ def probe_main(args) -> int:
         model = case.base if diffusers_model else case.ours
         weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         with PeakRss() as rss:
-            b = build(args.probe, case, json.loads(args.ours_options) if args.ours_options else None, args.recipe_mode,
+            b = build(args.probe, case, _json(args.ours_options), args.recipe_mode,
                       recipe_config=_json(args.recipe_config))
         rec = {"first_call_s": b.first_call_s, "weight_bytes": weight_bytes, "rss_before_compile": rss.before,
                "rss_peak_compile": rss.peak, "rss_peak_sampled": rss.sampled_peak, "rss_peak_exact": rss.exact}
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     if args.dtype not in variants.DTYPES:
         log(f"error: unknown --dtype {args.dtype!r}; expected one of {sorted(variants.DTYPES)}")
         return 2
-    overrides = json.loads(args.ours_options) if args.ours_options else None
+    overrides = _json(args.ours_options)
     info = measure.machine(device)
     if info.get("load_avg_1m", 0) > 0.5 * (info["cores"] or 1):
         log(f"WARNING: load average {info['load_avg_1m']:.1f} on {info['cores']} cores: timings will be noisy")

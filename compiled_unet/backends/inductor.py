@@ -556,7 +556,9 @@ def _packed_buffers_not_cloned():
 
 @contextlib.contextmanager
 def _patched(owner, name: str, value):
-    real = getattr(owner, name)
+    """`owner.name = value` for the block, then the original back (a class's own descriptor, e.g. a classmethod,
+    not the bound method `getattr` would give)."""
+    real = vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)
     setattr(owner, name, value)
     try:
         yield
@@ -597,11 +599,8 @@ def _free_params_once_lowered(ep: torch.export.ExportedProgram):
             _return_freed_heap_to_os()
         return real_compile.__func__(cls, graph, *args, **kwargs)
 
-    AotCodeCompiler.compile = classmethod(compile_and_free_first)
-    try:
+    with _patched(AotCodeCompiler, "compile", classmethod(compile_and_free_first)):
         yield
-    finally:
-        AotCodeCompiler.compile = real_compile
 
 
 def _return_freed_heap_to_os() -> None:
