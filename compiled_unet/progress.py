@@ -123,6 +123,9 @@ def _install_counting_wrappers() -> bool:
             return False
         if not all(hasattr(AsyncCompile, name) for name in ("cpp", "cpp_pybinding")):
             return False
+        from .backends import cpp_units
+
+        cpp_units.install()      # beneath the counter, so that kernels built in shared units are counted too
 
         class _CountedFuture(CodeCacheFuture):
             def __init__(self, inner, progress):

@@ -35,7 +35,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import DamagedArtifact
 from . import package_cache
-from . import aoti_library, cpu_kernels
+from . import aoti_library, cpp_units, cpu_kernels
 from .aoti_library import load_library_model
 from .vec_isa import vec_isa_config
 
@@ -212,7 +212,7 @@ class JitRunner:
         cfg = _compile_config(options, ep)
         # Some entries (notably `freezing`, which enables CPU weight prepacking into oneDNN kernels) are read
         # outside compile_fx's own config patch, so they are set while it compiles; freezing needs grad off.
-        with _COMPILING, torch.no_grad(), torch._inductor.config.patch(cfg):
+        with _COMPILING, torch.no_grad(), torch._inductor.config.patch(cfg), cpp_units.batched_cpp_kernels():
             if options.freezing:  # freezing folds weights with their values: it needs the real tensors
                 self.compiled = torch._inductor.compile(self.module, flat, cfg)
             else:

@@ -1,0 +1,232 @@
+"""Inductor's CPU kernels built in a few C++ translation units instead of one per kernel.
+
+Inductor's jit wrapper submits each C++ kernel (`AsyncCompile.cpp_pybinding`) as its own translation unit: one
+compiler process that loads the ~150 MB precompiled header, compiles ~0.1-0.2 s of kernel and links a shared
+library. For SD1.5 that is ~70 kernels at ~0.85 s each, of which ~0.7 s is the fixed header + link cost
+(benchmarks/NOTES.md, "C++ kernel compile: the flags are not what costs"). Inside `batched_cpp_kernels()`, the
+kernels a compiled module submits are held until its `wait`, then built as one translation unit per compile
+worker: each kernel in a namespace of its own, with torch's own Python binding for it, from the same compiler
+command, cache and precompiled header as Inductor's (`CppPythonBindingsCodeCache.load_async`). The kernels are the
+same source, so the same machine code; one shared library holds one Python module per kernel.
+
+A kernel whose source does not have the shape this relies on (includes, then one `extern "C"` function named
+`kernel`) is built by torch as before; a unit that fails to build falls back to torch's per-kernel path with a
+warning. Nothing changes outside the context, or with a single compile thread (Inductor then builds synchronously).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import re
+import sys
+import threading
+import warnings
+
+_local = threading.local()       # the _Batch collecting kernels in this thread, if any
+_install_lock = threading.Lock()
+_installed = False
+_BatchedKernel = None            # the future class, made at install (it subclasses Inductor's CodeCacheFuture)
+
+_KERNEL_DEF = re.compile(r'^extern "C"\s+void\s+kernel\(', re.MULTILINE)
+_MAX_UNIT_CHARS = 2_000_000      # a unit larger than this is split: one huge unit would serialise the build
+
+
+@contextlib.contextmanager
+def batched_cpp_kernels(enabled: bool = True):
+    """Build the C++ kernels Inductor submits in this thread while the block runs in a few translation units."""
+    if not enabled or not install():
+        yield
+        return
+    previous, _local.batch = getattr(_local, "batch", None), _Batch()
+    try:
+        yield
+    finally:
+        _local.batch = previous
+
+
+def install() -> bool:
+    """Wrap AsyncCompile.cpp_pybinding / wait once; False where this torch's Inductor differs."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return True
+        try:
+            from torch._inductor.async_compile import AsyncCompile
+            from torch._inductor.codecache import CodeCacheFuture, CppPythonBindingsCodeCache
+        except ImportError:
+            return False
+        if not all(hasattr(AsyncCompile, n) for n in ("cpp_pybinding", "wait", "submit")) or not all(
+                hasattr(CppPythonBindingsCodeCache, n) for n in ("suffix_template", "load_async", "load_pybinding")):
+            return False
+        global _BatchedKernel
+
+        class _BatchedKernel(CodeCacheFuture):       # what Inductor's wait resolves: a CodeCacheFuture
+            def __init__(self, kernel: _Kernel):
+                self.kernel = kernel
+
+            def result(self, timeout=None):
+                return self.kernel.result()
+
+        cpp_pybinding, wait = AsyncCompile.cpp_pybinding, AsyncCompile.wait
+
+        def batching_cpp_pybinding(self, argtypes, source_code):
+            batch = getattr(_local, "batch", None)
+            if batch is None or not _compile_threads_above_one() or not _batchable(source_code):
+                return cpp_pybinding(self, argtypes, source_code)
+            return batch.add(self, list(argtypes), source_code)
+
+        def flushing_wait(self, scope):
+            batch = getattr(_local, "batch", None)
+            if batch is not None:
+                batch.flush()
+            return wait(self, scope)
+
+        batching_cpp_pybinding.__wrapped__ = cpp_pybinding
+        flushing_wait.__wrapped__ = wait
+        AsyncCompile.cpp_pybinding = batching_cpp_pybinding
+        AsyncCompile.wait = flushing_wait
+        _installed = True
+        return True
+
+
+def _compile_threads_above_one() -> bool:
+    from torch._inductor.async_compile import get_compile_threads
+
+    return get_compile_threads() > 1
+
+
+def _batchable(source: str) -> bool:
+    """Includes, then one `extern "C" void kernel(` definition, and no preprocessor definitions (they would leak
+    into the kernels after it in a shared unit)."""
+    defs = list(_KERNEL_DEF.finditer(source))
+    if len(defs) != 1 or "#define" in source or "#undef" in source:
+        return False
+    head = source[:defs[0].start()]
+    return all(not line.strip() or line.startswith("#include") for line in head.splitlines())
+
+
+class _Batch:
+    """Kernels held until the module's `wait`, then built in units of about equal size."""
+
+    def __init__(self):
+        self.pending: list[_Kernel] = []
+
+    def add(self, async_compile, argtypes: list[str], source: str):
+        kernel = _Kernel(self, async_compile, argtypes, source)
+        self.pending.append(kernel)
+        return _BatchedKernel(kernel)
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        from torch._inductor.async_compile import get_compile_threads
+
+        n_units = max(1, min(len(pending), get_compile_threads()))
+        n_units = max(n_units, -(-sum(len(k.source) for k in pending) // _MAX_UNIT_CHARS))
+        units: list[list[_Kernel]] = [[] for _ in range(n_units)]
+        sizes = [0] * n_units
+        for kernel in sorted(pending, key=lambda k: -len(k.source)):   # largest first onto the lightest unit
+            i = sizes.index(min(sizes))
+            units[i].append(kernel)
+            sizes[i] += len(kernel.source)
+        for members in units:
+            if members:
+                _Unit(sorted(members, key=pending.index)).submit()
+
+
+class _Kernel:
+    def __init__(self, batch: _Batch, async_compile, argtypes: list[str], source: str):
+        self.batch, self.async_compile, self.argtypes, self.source = batch, async_compile, argtypes, source
+        self.unit: _Unit | None = None
+        self.index = -1
+        self.loaded = None
+
+    def result(self):
+        if self.loaded is None:
+            if self.unit is None:                  # asked for before its module's wait
+                self.batch.flush()
+            self.loaded = self.unit.kernel(self)
+        return self.loaded
+
+
+class _Unit:
+    """One translation unit: kernel i lives in namespace cu_k<i>, its Python module is `kernel` (i = 0, which
+    torch's loader imports) or `kernel_<i>`."""
+
+    def __init__(self, kernels: list[_Kernel]):
+        self.kernels = kernels
+        for i, k in enumerate(kernels):
+            k.unit, k.index = self, i
+        self.get_module = None
+        self.modules: dict[int, object] = {}
+        self.failed: Exception | None = None
+
+    def source(self) -> str:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache as Bindings
+
+        includes: list[str] = []
+        bodies: list[str] = []
+        for i, k in enumerate(self.kernels):
+            start = _KERNEL_DEF.search(k.source).start()
+            for line in k.source[:start].splitlines():
+                if line.strip() and line not in includes:
+                    includes.append(line)
+            body = _KERNEL_DEF.sub("void kernel(", k.source[start:], count=1)
+            entry = "kernel" if i == 0 else f"kernel_{i}"
+            parseargs = ", ".join(f"parse_arg<{t.replace('const ', '')}>(args, {n})" for n, t in enumerate(k.argtypes))
+            suffix = Bindings.suffix_template.format(
+                arg_len=len(k.argtypes), call_entry_func=Bindings.call_entry_function.format(parseargs),
+                entry_func=entry, extra_parse_arg=Bindings.extra_parse_arg.format(array_len=-1))
+            head = [line for line in suffix.splitlines() if line.startswith(("#include", "#define"))]
+            for line in head:
+                if line not in includes:
+                    includes.append(line)
+            rest = "\n".join(line for line in suffix.splitlines() if line not in head)
+            bodies.append(f"namespace cu_k{i} {{\n{body}\n{rest}\n}}  // namespace cu_k{i}\n")
+        return "\n".join(includes) + "\n\n" + "\n".join(bodies)
+
+    def submit(self) -> None:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache as Bindings
+
+        try:
+            self.get_module = Bindings.load_async(self.source(), "cpu", submit_fn=self.kernels[0].async_compile.submit)
+        except Exception as e:   # noqa: BLE001 - any failure: torch's own per-kernel path
+            self._fall_back(e)
+
+    def kernel(self, k: _Kernel):
+        if self.failed is None and 0 not in self.modules:
+            try:
+                self.modules[0] = self.get_module()
+            except Exception as e:   # noqa: BLE001
+                self._fall_back(e)
+        if self.failed is not None:
+            from torch._inductor.codecache import CppPythonBindingsCodeCache as Bindings
+
+            return Bindings.load_pybinding(k.argtypes, k.source)
+        if k.index not in self.modules:
+            self.modules[k.index] = _import_sibling(self.modules[0], f"kernel_{k.index}")
+        name = "kernel" if k.index == 0 else f"kernel_{k.index}"
+        return getattr(self.modules[k.index], name)
+
+    def _fall_back(self, error: Exception) -> None:
+        self.failed = error
+        warnings.warn(f"compiled_unet: building {len(self.kernels)} C++ kernels as one unit failed ({error!s:.300}); "
+                      "building them one by one", RuntimeWarning, stacklevel=2)
+
+
+def _import_sibling(first, name: str):
+    """Import the module `name` whose init function is in the same shared library as the module `first`."""
+    from torch._inductor.codecache import CppPythonBindingsCodeCache as Bindings
+
+    module_name = f"{first.__name__.rpartition('.')[0]}.{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, first.__file__)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    names = getattr(Bindings, "_loaded_module_names", None)   # what torch's cache_clear unloads (torch >= 2.10)
+    if names is not None:
+        names.add(module_name)
+    spec.loader.exec_module(module)
+    return module
