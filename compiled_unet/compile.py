@@ -23,6 +23,7 @@ from torch.export import ExportedProgram
 
 from . import passes as graph_passes
 from .backends import AotRunner, InductorOptions, JitRunner, check_backend
+from .backends.vec_isa import start_probe as start_simd_probe
 from .progress import CompileProgress, count_cpp_kernels
 from .runtime.compiled import FREEU_INPUT, CompiledUNet, artifact_doc, config_to_dict
 from .runtime.signature import Signature
@@ -119,6 +120,8 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
         progress = CompileProgress(enabled=progress)
     try:
         with _inductor_cache_dir(cache_dir):
+            if backend == "inductor" and sample.device.type == "cpu":
+                start_simd_probe()   # a first process's probe of the CPU's SIMD ISAs overlaps export and passes
             compiled = _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwargs,
                                        backend=backend, passes=passes, options=options, config=config,
                                        check_finite=check_finite, progress=progress, donate_weights=donate_weights)

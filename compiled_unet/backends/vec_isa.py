@@ -10,7 +10,8 @@ ISA passed, under a key of what the result depends on (torch, the C++ compiler b
 When it did, compiles set `cpp.vec_isa_ok=True`, which makes Inductor trust the CPU's flags without probing
 and so pick exactly the ISA list the probe gave. When an ISA failed the probe (an old compiler, a kernel that
 disables AVX-512), nothing is set and Inductor probes as before. The cold process sets the entry too, so the
-cache keys of cold and warm processes agree.
+cache keys of cold and warm processes agree. A compile starts the probe in a background thread
+(`start_probe`) so that a first process overlaps it with the export and the passes.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 
 import torch
 
@@ -29,34 +31,84 @@ from .._atomic import write_atomic
 log = logging.getLogger("compiled_unet")
 
 
+_probe_lock = threading.Lock()
+_probe_thread: threading.Thread | None = None
+
+
 def vec_isa_config() -> dict:
     """{"cpp.vec_isa_ok": True} when every SIMD ISA this CPU lists passed Inductor's probe on this machine
     (probing and recording it the first time); {} elsewhere (not x86-64 Linux, or an ISA failed)."""
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        return {}
-    from torch._inductor import config, cpu_vec_isa
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    from torch._inductor import cpu_vec_isa
 
-    if config.cpp.vec_isa_ok is not None or config.cpp.simdlen is not None:
-        return {}  # the user decided; leave Inductor's choice alone
-    flags = cpu_vec_isa.x86_isa_checker()
-    listed = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
-              if all(flag in flags for flag in str(isa).split())]
-    identity = compiler_identity()
-    if identity is None:  # no compiler found: Inductor's own error is the clear one
+    found = _record_key()
+    if found is None:
         return {}
-    compiler = identity[0]
-    key = hashlib.sha256(json.dumps([torch.__version__, *identity, sorted(flags), listed]).encode()).hexdigest()[:32]
-    record = os.path.join(cache_dir(), "compiled_unet_vec_isa", key + ".json")
+    key, compiler, listed = found
+    record = _record_path(key)
     try:
         with open(record) as f:
             all_valid = json.load(f)["all_valid"] is True
     except (OSError, ValueError, KeyError, TypeError):
+        _wait_for_probe()
         valid = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]  # Inductor's probe, once per process
         all_valid = valid == listed
         write_atomic(record, json.dumps({"listed": listed, "valid": valid, "all_valid": all_valid,
                                          "torch": torch.__version__, "compiler": compiler}))
     return {"cpp.vec_isa_ok": True} if all_valid else {}
+
+
+def start_probe() -> None:
+    """Start Inductor's probe in a background thread when this machine has no record of it yet, so that its
+    compiler runs and child processes (~4-5 s on 2 cores) overlap the export and the passes; `vec_isa_config`
+    waits for it. Nothing to do when the record exists or the probe has run in this process."""
+    global _probe_thread
+    found = _record_key()
+    if found is None or os.path.exists(_record_path(found[0])):
+        return
+    from torch._inductor import cpu_vec_isa
+
+    def probe():
+        try:
+            cpu_vec_isa.valid_vec_isa_list()     # functools.cache: the main thread's call then returns at once
+        except Exception as e:   # noqa: BLE001 - the main thread's own call raises it again, in context
+            log.debug("background SIMD probe failed (%s)", e)
+
+    with _probe_lock:
+        if _probe_thread is None:
+            _probe_thread = threading.Thread(target=probe, name="compiled_unet-simd-probe", daemon=True)
+            _probe_thread.start()
+
+
+def _wait_for_probe() -> None:
+    with _probe_lock:
+        thread = _probe_thread
+    if thread is not None:
+        thread.join()
+
+
+def _record_key() -> tuple[str, str, list[str]] | None:
+    """(record key, compiler path, listed ISAs); None where no record applies (not x86-64 Linux, the user set
+    the ISA, no compiler)."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return None
+    from torch._inductor import config, cpu_vec_isa
+
+    if config.cpp.vec_isa_ok is not None or config.cpp.simdlen is not None:
+        return None  # the user decided; leave Inductor's choice alone
+    flags = cpu_vec_isa.x86_isa_checker()
+    listed = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+              if all(flag in flags for flag in str(isa).split())]
+    identity = compiler_identity()
+    if identity is None:  # no compiler found: Inductor's own error is the clear one
+        return None
+    key = hashlib.sha256(json.dumps([torch.__version__, *identity, sorted(flags), listed]).encode()).hexdigest()[:32]
+    return key, identity[0], listed
+
+
+def _record_path(key: str) -> str:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return os.path.join(cache_dir(), "compiled_unet_vec_isa", key + ".json")
 
 
 def compiler_identity() -> tuple[str, int, int] | None:
