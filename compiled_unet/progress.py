@@ -11,7 +11,8 @@ say where the time went.
 C++ kernels: Inductor's generated module submits every kernel to its compile pool, then waits for all of
 them. `count_cpp_kernels` wraps the two submission points of `AsyncCompile` (once per process; the wrapper
 does nothing unless a compile in the *same thread* is counting), so the line can say "C++ kernels 41/70".
-Kernels found in Inductor's on-disk cache count as done at once. AOTInductor builds its kernels into one
+Kernels found in Inductor's on-disk cache count as done at once; kernels built together in one translation
+unit (backends/cpp_units.py, the jit default) count as done together. AOTInductor builds its kernels into one
 shared library with a single compiler call, which shows as the "lowering" stage only.
 """
 from __future__ import annotations

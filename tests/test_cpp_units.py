@@ -42,7 +42,9 @@ def test_shared_units_give_bitwise_the_same_answers_from_fewer_libraries(tmp_pat
     progress = CompileProgress(enabled=False)
     batched, batched_libs = _compile(tmp_path / "batched", True, inputs, progress)
     assert len(plain_libs) >= 3, "the test graph should make several kernels"
-    assert 1 <= len(batched_libs) <= 2 < len(plain_libs)          # one unit per compile thread (2)
+    # one unit (at most _UNIT_KERNELS kernels): the kernels seen while Inductor generated code are the ones its module
+    # then ran, or they would have been built a second time in another unit
+    assert len(plain_libs) <= cpp_units._UNIT_KERNELS and len(batched_libs) == 1
     # every kernel still counted by the progress line, each done when its unit is
     assert progress.kernels_total == len(plain_libs) and progress.kernels_done == progress.kernels_total
     x, y = torch.randn(32, 32), torch.randn(32, 32)
@@ -70,3 +72,12 @@ def test_only_plain_kernel_sources_share_a_unit():
     assert not cpp_units._batchable(kernel + kernel.split("\n", 1)[1])  # two entry points
     assert not cpp_units._batchable('static int helper;\n' + kernel)     # top-level code before the kernel
     assert not cpp_units._batchable("void other(){}\n")
+
+
+def test_kernel_calls_are_read_from_the_generated_code_exactly():
+    source = '#include <x.h>\nextern "C"  void  kernel(const float* in_ptr0)\n{\n    a = "\\n";\n}\n'
+    body = f"async_compile.cpp_pybinding(['const float*', 'int64_t'], r'''{source}''')"
+    assert cpp_units._cpp_pybinding_call(body) == (["const float*", "int64_t"], source)
+    assert cpp_units._cpp_pybinding_call("async_compile.triton('k', '''...''')") is None
+    assert cpp_units._cpp_pybinding_call("async_compile.cpp_pybinding(argtypes, src)") is None   # not literals
+    assert cpp_units._cpp_pybinding_call("not python (") is None

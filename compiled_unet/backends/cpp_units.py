@@ -4,19 +4,25 @@ Inductor's jit wrapper submits each C++ kernel (`AsyncCompile.cpp_pybinding`) as
 compiler process that loads the ~150 MB precompiled header, compiles ~0.1-0.2 s of kernel and links a shared
 library. For SD1.5 that is ~70 kernels at ~0.85 s each, of which ~0.7 s is the fixed header + link cost
 (benchmarks/NOTES.md, "C++ kernel compile: the flags are not what costs"). Inside `batched_cpp_kernels()`, the
-kernels a compiled module submits are held until its `wait`, then built as one translation unit per compile
-worker: each kernel in a namespace of its own, with torch's own Python binding for it, from the same compiler
-command, cache and precompiled header as Inductor's (`CppPythonBindingsCodeCache.load_async`). The kernels are the
-same source, so the same machine code; one shared library holds one Python module per kernel.
+kernels of a compile are built in units of 12 consecutive kernels instead: each kernel in a namespace of its own,
+with torch's own Python binding for it, from the same compiler command, cache and precompiled header as
+Inductor's (`CppPythonBindingsCodeCache.load_async`). A unit is submitted to Inductor's compile workers as soon as
+it is full, while Inductor is still generating code (a hook on its wrapper's `define_kernel`); the last at the
+generated module's `wait`. The kernels are the same source, so the same machine code; one shared library holds one
+Python module per kernel. SD1.5 32x32 on 2 cores: ~70 libraries, ~30 s of a cold compile, become 6 units whose
+builds mostly overlap the code generation (benchmarks/NOTES.md, "Round 2, eleventh session").
 
 A kernel whose source does not have the shape this relies on (includes, then one `extern "C"` function named
 `kernel`) is built by torch as before; a unit that fails to build falls back to torch's per-kernel path with a
-warning. Nothing changes outside the context, or with a single compile thread (Inductor then builds synchronously).
+warning. Nothing changes outside the context, with a single compile thread (Inductor then builds synchronously),
+or with `COMPILED_UNET_CPP_UNITS=0` (torch's one library per kernel, e.g. to compare).
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
+import os
 import re
 import sys
 import threading
@@ -28,13 +34,16 @@ _installed = False
 _BatchedKernel = None            # the future class, made at install (it subclasses Inductor's CodeCacheFuture)
 
 _KERNEL_DEF = re.compile(r'^extern "C"\s+void\s+kernel\(', re.MULTILINE)
-_MAX_UNIT_CHARS = 2_000_000      # a unit larger than this is split: one huge unit would serialise the build
+# Kernels per unit. Each unit pays the header load + link once (~0.7 s) and ~0.1 s per kernel; units of 12 let the
+# first ones build on the compile workers while Inductor generates the rest (SD1.5: ~70 kernels, 6 units).
+_UNIT_KERNELS = 12
+_MAX_UNIT_CHARS = 1_000_000      # ...or fewer when their source is this long
 
 
 @contextlib.contextmanager
 def batched_cpp_kernels(enabled: bool = True):
     """Build the C++ kernels Inductor submits in this thread while the block runs in a few translation units."""
-    if not enabled or not install():
+    if not enabled or os.environ.get("COMPILED_UNET_CPP_UNITS", "1") == "0" or not install():
         yield
         return
     previous, _local.batch = getattr(_local, "batch", None), _Batch()
@@ -73,7 +82,7 @@ def install() -> bool:
             batch = getattr(_local, "batch", None)
             if batch is None or not _compile_threads_above_one() or not _batchable(source_code):
                 return cpp_pybinding(self, argtypes, source_code)
-            return batch.add(self, list(argtypes), source_code)
+            return _BatchedKernel(batch.kernel(list(argtypes), source_code))
 
         def flushing_wait(self, scope):
             batch = getattr(_local, "batch", None)
@@ -85,8 +94,50 @@ def install() -> bool:
         flushing_wait.__wrapped__ = wait
         AsyncCompile.cpp_pybinding = batching_cpp_pybinding
         AsyncCompile.wait = flushing_wait
+        _hook_code_generation()
         _installed = True
         return True
+
+
+def _hook_code_generation() -> None:
+    """Start building units while Inductor is still generating code: its Python wrapper's `define_kernel` sees
+    each C++ kernel's `async_compile.cpp_pybinding(argtypes, source)` call as text, in the order the generated
+    module will make the calls. Without the hook (another torch), units form when the module runs."""
+    try:
+        from torch._inductor.codegen.wrapper import PythonWrapperCodegen
+    except ImportError:
+        return
+    define_kernel = getattr(PythonWrapperCodegen, "define_kernel", None)
+    if define_kernel is None:
+        return
+
+    def defining_kernel(self, kernel_name, kernel_body, *args, **kwargs):
+        batch = getattr(_local, "batch", None)
+        if batch is not None and isinstance(kernel_body, str) and _compile_threads_above_one():
+            call = _cpp_pybinding_call(kernel_body)
+            if call is not None and _batchable(call[1]):
+                batch.kernel(*call)
+        return define_kernel(self, kernel_name, kernel_body, *args, **kwargs)
+
+    defining_kernel.__wrapped__ = define_kernel
+    PythonWrapperCodegen.define_kernel = defining_kernel
+
+
+def _cpp_pybinding_call(body: str) -> tuple[list[str], str] | None:
+    """(argtypes, source) of a kernel body that is exactly `async_compile.cpp_pybinding([...], r'''...''')`."""
+    if "cpp_pybinding" not in body:
+        return None
+    try:
+        call = ast.parse(body.strip(), mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                and call.func.attr == "cpp_pybinding" and len(call.args) == 2 and not call.keywords):
+            return None
+        argtypes, source = ast.literal_eval(call.args[0]), ast.literal_eval(call.args[1])
+    except (SyntaxError, ValueError):
+        return None
+    if not isinstance(source, str) or not isinstance(argtypes, list):
+        return None
+    return [str(t) for t in argtypes], source
 
 
 def _compile_threads_above_one() -> bool:
@@ -106,45 +157,41 @@ def _batchable(source: str) -> bool:
 
 
 class _Batch:
-    """Kernels held until the module's `wait`, then built in units of about equal size."""
+    """The kernels of one compile, built in units of `_UNIT_KERNELS` consecutive kernels in the order they are
+    defined: a unit is submitted as soon as it is full, so while Inductor still generates code (the
+    `define_kernel` hook), and the last one at the module's `wait`. The same order gives the same units, and so
+    hits in Inductor's C++ cache, when a warm compile loads the module from the FX graph cache (no code
+    generation: the kernels arrive from the module itself)."""
 
     def __init__(self):
-        self.pending: list[_Kernel] = []
+        self.by_source: dict[str, _Kernel] = {}
+        self.open: list[_Kernel] = []       # the unit being filled
 
-    def add(self, async_compile, argtypes: list[str], source: str):
-        kernel = _Kernel(self, async_compile, argtypes, source)
-        self.pending.append(kernel)
-        return _BatchedKernel(kernel)
+    def kernel(self, argtypes: list[str], source: str) -> "_Kernel":
+        kernel = self.by_source.get(source)
+        if kernel is None or kernel.argtypes != argtypes:
+            kernel = self.by_source[source] = _Kernel(self, argtypes, source)
+            self.open.append(kernel)
+            if len(self.open) >= _UNIT_KERNELS or sum(len(k.source) for k in self.open) >= _MAX_UNIT_CHARS:
+                self.flush()
+        return kernel
 
     def flush(self) -> None:
-        pending, self.pending = self.pending, []
-        if not pending:
-            return
-        from torch._inductor.async_compile import get_compile_threads
-
-        n_units = max(1, min(len(pending), get_compile_threads()))
-        n_units = max(n_units, -(-sum(len(k.source) for k in pending) // _MAX_UNIT_CHARS))
-        units: list[list[_Kernel]] = [[] for _ in range(n_units)]
-        sizes = [0] * n_units
-        for kernel in sorted(pending, key=lambda k: -len(k.source)):   # largest first onto the lightest unit
-            i = sizes.index(min(sizes))
-            units[i].append(kernel)
-            sizes[i] += len(kernel.source)
-        for members in units:
-            if members:
-                _Unit(sorted(members, key=pending.index)).submit()
+        members, self.open = self.open, []
+        if members:
+            _Unit(members).submit()
 
 
 class _Kernel:
-    def __init__(self, batch: _Batch, async_compile, argtypes: list[str], source: str):
-        self.batch, self.async_compile, self.argtypes, self.source = batch, async_compile, argtypes, source
+    def __init__(self, batch: _Batch, argtypes: list[str], source: str):
+        self.batch, self.argtypes, self.source = batch, argtypes, source
         self.unit: _Unit | None = None
         self.index = -1
         self.loaded = None
 
     def result(self):
         if self.loaded is None:
-            if self.unit is None:                  # asked for before its module's wait
+            if self.unit is None:                  # asked for before its unit was full or its module's wait
                 self.batch.flush()
             self.loaded = self.unit.kernel(self)
         return self.loaded
@@ -187,10 +234,11 @@ class _Unit:
         return "\n".join(includes) + "\n\n" + "\n".join(bodies)
 
     def submit(self) -> None:
+        from torch._inductor.async_compile import AsyncCompile
         from torch._inductor.codecache import CppPythonBindingsCodeCache as Bindings
 
         try:
-            self.get_module = Bindings.load_async(self.source(), "cpu", submit_fn=self.kernels[0].async_compile.submit)
+            self.get_module = Bindings.load_async(self.source(), "cpu", submit_fn=AsyncCompile.submit)
         except Exception as e:   # noqa: BLE001 - any failure: torch's own per-kernel path
             self._fall_back(e)
 
