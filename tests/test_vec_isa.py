@@ -83,3 +83,26 @@ def test_a_user_choice_is_left_alone(fresh_cache):
     with config.patch({"cpp.simdlen": 256}):
         assert vec_isa_config() == {}
     assert not _records(fresh_cache)
+
+
+def test_the_background_probe_is_what_vec_isa_config_records(fresh_cache, monkeypatch):
+    """`start_probe` (a compile's first step) runs Inductor's probe in a thread; `vec_isa_config` waits for it and
+    records its answer; nothing starts when a record exists."""
+    from torch._inductor import cpu_vec_isa
+
+    from compiled_unet.backends import vec_isa
+
+    monkeypatch.setattr(vec_isa, "_probe_thread", None)
+    vec_isa.start_probe()
+    thread = vec_isa._probe_thread
+    assert thread is not None and thread.name == "compiled_unet-simd-probe"
+    config = vec_isa.vec_isa_config()
+    assert not thread.is_alive()                      # waited for
+    (record,) = _records(fresh_cache)
+    doc = json.loads(record.read_text())
+    assert doc["valid"] == [str(i) for i in cpu_vec_isa.valid_vec_isa_list()]
+    assert config == ({"cpp.vec_isa_ok": True} if doc["all_valid"] else {})
+
+    monkeypatch.setattr(vec_isa, "_probe_thread", None)
+    vec_isa.start_probe()                             # recorded now: no thread
+    assert vec_isa._probe_thread is None
