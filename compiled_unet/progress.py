@@ -23,9 +23,9 @@ import sys
 import threading
 import time
 
+from ._once import installed_once
+
 _local = threading.local()       # the CompileProgress counting kernels in this thread, if any
-_install_lock = threading.Lock()
-_installed = False
 
 
 class CompileProgress:
@@ -111,48 +111,44 @@ def count_cpp_kernels(progress: CompileProgress | None):
         _local.progress = previous
 
 
+@installed_once
 def _install_counting_wrappers() -> bool:
-    """Wrap AsyncCompile.cpp / cpp_pybinding once; False where this torch's Inductor lacks them."""
-    global _installed
-    with _install_lock:
-        if _installed:
-            return True
-        try:
-            from torch._inductor.async_compile import AsyncCompile
-            from torch._inductor.codecache import CodeCacheFuture
-        except ImportError:
-            return False
-        if not all(hasattr(AsyncCompile, name) for name in ("cpp", "cpp_pybinding")):
-            return False
-        from .backends import cpp_units
+    """Wrap AsyncCompile.cpp / cpp_pybinding; False where this torch's Inductor lacks them."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+        from torch._inductor.codecache import CodeCacheFuture
+    except ImportError:
+        return False
+    if not all(hasattr(AsyncCompile, name) for name in ("cpp", "cpp_pybinding")):
+        return False
+    from .backends import cpp_units
 
-        cpp_units.install()      # beneath the counter, so that kernels built in shared units are counted too
+    cpp_units.install()      # beneath the counter, so that kernels built in shared units are counted too
 
-        class _CountedFuture(CodeCacheFuture):
-            def __init__(self, inner, progress):
-                self.inner, self.progress = inner, progress
+    class _CountedFuture(CodeCacheFuture):
+        def __init__(self, inner, progress):
+            self.inner, self.progress = inner, progress
 
-            def result(self, timeout=None):
-                # torch < 2.13's LambdaFuture.result() takes no timeout
-                kernel = self.inner.result() if timeout is None else self.inner.result(timeout)
-                self.progress.kernel_done()
-                return kernel
+        def result(self, timeout=None):
+            # torch < 2.13's LambdaFuture.result() takes no timeout
+            kernel = self.inner.result() if timeout is None else self.inner.result(timeout)
+            self.progress.kernel_done()
+            return kernel
 
-        def counting(submit):
-            def wrapper(self, *args, **kwargs):
-                progress = getattr(_local, "progress", None)
-                result = submit(self, *args, **kwargs)
-                if progress is None:
-                    return result
-                progress.kernel_submitted()
-                if isinstance(result, CodeCacheFuture):      # compiled in the pool: done when waited for
-                    return _CountedFuture(result, progress)
-                progress.kernel_done()                       # compiled (or loaded) synchronously
+    def counting(submit):
+        def wrapper(self, *args, **kwargs):
+            progress = getattr(_local, "progress", None)
+            result = submit(self, *args, **kwargs)
+            if progress is None:
                 return result
-            wrapper.__wrapped__ = submit
-            return wrapper
+            progress.kernel_submitted()
+            if isinstance(result, CodeCacheFuture):      # compiled in the pool: done when waited for
+                return _CountedFuture(result, progress)
+            progress.kernel_done()                       # compiled (or loaded) synchronously
+            return result
+        wrapper.__wrapped__ = submit
+        return wrapper
 
-        AsyncCompile.cpp = counting(AsyncCompile.cpp)
-        AsyncCompile.cpp_pybinding = counting(AsyncCompile.cpp_pybinding)
-        _installed = True
-        return True
+    AsyncCompile.cpp = counting(AsyncCompile.cpp)
+    AsyncCompile.cpp_pybinding = counting(AsyncCompile.cpp_pybinding)
+    return True

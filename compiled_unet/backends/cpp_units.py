@@ -28,9 +28,9 @@ import sys
 import threading
 import warnings
 
+from .._once import installed_once
+
 _local = threading.local()       # the _Batch collecting kernels in this thread, if any
-_install_lock = threading.Lock()
-_installed = False
 _BatchedKernel = None            # the future class, made at install (it subclasses Inductor's CodeCacheFuture)
 
 _KERNEL_DEF = re.compile(r'^extern "C"\s+void\s+kernel\(', re.MULTILINE)
@@ -53,50 +53,46 @@ def batched_cpp_kernels(enabled: bool = True):
         _local.batch = previous
 
 
+@installed_once
 def install() -> bool:
-    """Wrap AsyncCompile.cpp_pybinding / wait once; False where this torch's Inductor differs."""
-    global _installed
-    with _install_lock:
-        if _installed:
-            return True
-        try:
-            from torch._inductor.async_compile import AsyncCompile
-            from torch._inductor.codecache import CodeCacheFuture, CppPythonBindingsCodeCache
-        except ImportError:
-            return False
-        if not all(hasattr(AsyncCompile, n) for n in ("cpp_pybinding", "wait", "submit")) or not all(
-                hasattr(CppPythonBindingsCodeCache, n) for n in ("suffix_template", "load_async", "load_pybinding")):
-            return False
-        global _BatchedKernel
+    """Wrap AsyncCompile.cpp_pybinding / wait (and the wrapper's define_kernel); False where this torch differs."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+        from torch._inductor.codecache import CodeCacheFuture, CppPythonBindingsCodeCache
+    except ImportError:
+        return False
+    if not all(hasattr(AsyncCompile, n) for n in ("cpp_pybinding", "wait", "submit")) or not all(
+            hasattr(CppPythonBindingsCodeCache, n) for n in ("suffix_template", "load_async", "load_pybinding")):
+        return False
+    global _BatchedKernel
 
-        class _BatchedKernel(CodeCacheFuture):       # what Inductor's wait resolves: a CodeCacheFuture
-            def __init__(self, kernel: _Kernel):
-                self.kernel = kernel
+    class _BatchedKernel(CodeCacheFuture):       # what Inductor's wait resolves: a CodeCacheFuture
+        def __init__(self, kernel: _Kernel):
+            self.kernel = kernel
 
-            def result(self, timeout=None):
-                return self.kernel.result()
+        def result(self, timeout=None):
+            return self.kernel.result()
 
-        cpp_pybinding, wait = AsyncCompile.cpp_pybinding, AsyncCompile.wait
+    cpp_pybinding, wait = AsyncCompile.cpp_pybinding, AsyncCompile.wait
 
-        def batching_cpp_pybinding(self, argtypes, source_code):
-            batch = getattr(_local, "batch", None)
-            if batch is None or not _compile_threads_above_one() or not _batchable(source_code):
-                return cpp_pybinding(self, argtypes, source_code)
-            return _BatchedKernel(batch.kernel(list(argtypes), source_code))
+    def batching_cpp_pybinding(self, argtypes, source_code):
+        batch = getattr(_local, "batch", None)
+        if batch is None or not _compile_threads_above_one() or not _batchable(source_code):
+            return cpp_pybinding(self, argtypes, source_code)
+        return _BatchedKernel(batch.kernel(list(argtypes), source_code))
 
-        def flushing_wait(self, scope):
-            batch = getattr(_local, "batch", None)
-            if batch is not None:
-                batch.flush()
-            return wait(self, scope)
+    def flushing_wait(self, scope):
+        batch = getattr(_local, "batch", None)
+        if batch is not None:
+            batch.flush()
+        return wait(self, scope)
 
-        batching_cpp_pybinding.__wrapped__ = cpp_pybinding
-        flushing_wait.__wrapped__ = wait
-        AsyncCompile.cpp_pybinding = batching_cpp_pybinding
-        AsyncCompile.wait = flushing_wait
-        _hook_code_generation()
-        _installed = True
-        return True
+    batching_cpp_pybinding.__wrapped__ = cpp_pybinding
+    flushing_wait.__wrapped__ = wait
+    AsyncCompile.cpp_pybinding = batching_cpp_pybinding
+    AsyncCompile.wait = flushing_wait
+    _hook_code_generation()
+    return True
 
 
 def _hook_code_generation() -> None:
