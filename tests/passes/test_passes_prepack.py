@@ -163,3 +163,49 @@ def test_evaluate_copies_only_what_a_pass_keeps():
         assert torch.equal(t, weight.t())
     assert seen["alias"].untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
     assert seen["copy"].untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+
+
+class ConvLayouts(torch.nn.Module):
+    """3x3 convolutions (one strided, one grouped, one on a channels-last weight) and a 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(4, 16, 3, padding=1)
+        self.b = torch.nn.Conv2d(16, 8, 3, stride=2, padding=1)
+        self.g = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.c = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c.weight.data = self.c.weight.data.contiguous(memory_format=torch.channels_last)
+        self.p = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.p(self.c(self.g(self.b(self.a(x)))))
+
+
+def test_weights_are_packed_through_one_channels_last_scratch_bitwise_as_before(monkeypatch):
+    """oneDNN's reorder is handed each 3x3 weight as a channels-last copy in one reused buffer (so that it makes no
+    copy of its own, which cost half of the page faults of packing SD1.5); the packed weights are bitwise those
+    of reordering the plain contiguous weights, and the program matches the model (fp32 <= 1e-5 x max(1, |ref|))."""
+    model, x = ConvLayouts().eval(), torch.randn(2, 4, 8, 8)
+    reorder = torch.ops.mkldnn._reorder_convolution_weight
+    given = []
+
+    def spy_reorder(w, *args):
+        given.append((w.is_contiguous(memory_format=torch.channels_last), w.untyped_storage().data_ptr(), tuple(w.shape)))
+        return reorder(w, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_convolution_weight", spy_reorder)
+    out, report = passes.optimize(torch.export.export(model, (x,)), [passes.prepack_onednn])
+    monkeypatch.undo()
+    assert report["prepack_onednn"] == 5 and all(cl for cl, _, _ in given)
+    scratch = {ptr for cl, ptr, shape in given if shape[2:] == (3, 3)} - {model.c.weight.untyped_storage().data_ptr()}
+    assert len(scratch) == 1  # a, b and g through the one buffer; c is channels-last already, p is 1x1
+    sizes = {"a": [2, 4, 8, 8], "b": [2, 16, 8, 8], "g": [2, 8, 4, 4], "c": [2, 8, 4, 4], "p": [2, 8, 4, 4]}
+    strides = {"b": [2, 2]}
+    for name, size in sizes.items():
+        conv = getattr(model, name)
+        expected = reorder(conv.weight.detach().contiguous(), list(conv.padding), strides.get(name, [1, 1]), [1, 1],
+                           conv.groups, size)
+        packed = out.constants[f"onednn_packed.{name}.weight"]
+        assert torch.equal(packed.to_dense(), expected.to_dense()), name
+    with torch.no_grad():
+        assert_close(out.module()(x), model(x), scale_tol=1e-5)
