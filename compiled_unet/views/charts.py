@@ -41,8 +41,8 @@ def hbar(title: str, labels: Sequence[str], series: dict[str, Sequence[float | N
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=11, loc="left")
     ax.spines[["top", "right"]].set_visible(False)
-    if len(series) > 1:
-        ax.legend(loc="lower right", fontsize=8, frameon=False)
+    if len(series) > 1:  # under the axes: inside them it covered the labels of the longest bars
+        fig.legend(loc="outside lower center", fontsize=8, frameon=False, ncols=len(series))
     return fig
 
 
