@@ -42,6 +42,13 @@ class UNetProgram(torch.export.ExportedProgram):
         return m
 
 
+def export_inputs(sample: torch.Tensor, timestep, encoder_hidden_states=None, **forward_kwargs) -> tuple[tuple, dict]:
+    """(args, kwargs) exactly as `export` hands them to torch.export (and as the program's call spec holds them)."""
+    forward_kwargs = dict(forward_kwargs)
+    forward_kwargs["return_dict"] = False
+    return (sample, timestep), {"encoder_hidden_states": encoder_hidden_states, **forward_kwargs}
+
+
 def export(unet: torch.nn.Module, sample: torch.Tensor, timestep, encoder_hidden_states=None,
            strict: bool = False, **forward_kwargs) -> UNetProgram:
     """Export `unet` with static shapes taken from the example inputs.
@@ -51,15 +58,12 @@ def export(unet: torch.nn.Module, sample: torch.Tensor, timestep, encoder_hidden
     `return_dict` is forced to False so the program returns a plain `(sample,)` tuple. The program's
     state_dict keys and nn_module_stack are the UNet's own (the UNet itself is traced, no wrapper).
     """
-    forward_kwargs = dict(forward_kwargs)
-    forward_kwargs["return_dict"] = False
-    kwargs = {"encoder_hidden_states": encoder_hidden_states, **forward_kwargs}
+    args, kwargs = export_inputs(sample, timestep, encoder_hidden_states, **forward_kwargs)
     was_training = unet.training
     unet.eval()
     try:
         with torch.no_grad():
-            ep = torch.export.export(unet, (sample, timestep), kwargs, strict=strict)
+            ep = torch.export.export(unet, args, kwargs, strict=strict)
     finally:
         unet.train(was_training)
     return UNetProgram.wrap(ep)
-

@@ -24,4 +24,5 @@ with torch.no_grad():
 print(json.dumps({"seed": seed, "out": out, "stages": compiled.compile_stages,
                   "options": dataclasses.asdict(compiled.options),
                   "inductor": {k: v for k, v in counters["inductor"].items() if "cache" in k},
-                  "aot": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k}}, default=str))
+                  "aot": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k},
+                  "export": dict(counters["compiled_unet"])}, default=str))

@@ -1,5 +1,5 @@
 """Warm compiles: `compile(..., cache_dir=)` serves a second process from Inductor's FX graph and AOTAutograd
-caches (the float32 CPU jit default packs weights in the graph instead of freezing, and weights are inputs of
+caches and our export cache (the UNet's graph, not exported again) (the float32 CPU jit default packs weights in the graph instead of freezing, and weights are inputs of
 the compiled graph, so nothing in it bypasses the caches), and a copied cache folder does the same elsewhere.
 
 Each compile runs in a fresh process (tests/compile_cache_child.py), as a restart or another machine would.
@@ -44,11 +44,13 @@ def test_second_process_and_copied_cache_compile_warm(tmp_path):
     cold = _compile_in_child(cache, 0, str(tmp_path / "cold.pt"))
     assert cold["options"]["prepack_weights"] and not cold["options"]["freezing"]
     assert cold["inductor"].get("fxgraph_cache_miss") == 1 and cold["aot"].get("autograd_cache_saved") == 1, cold
+    assert cold["export"] == {"export_cache_miss": 1, "export_cache_stored": 1}, cold  # compiled_unet/export_cache.py
     kernels = _kernels(cache)
     assert kernels, "the cold compile left no C++ kernels in cache_dir"
 
     warm = _compile_in_child(cache, 0, str(tmp_path / "warm.pt"))
     assert warm["inductor"].get("fxgraph_cache_hit") == 1 and warm["aot"].get("autograd_cache_hit") == 1, warm
+    assert warm["export"] == {"export_cache_hit": 1}, warm  # the graph read back, not exported again
     assert _kernels(cache) == kernels, "the warm compile built C++ kernels again"
     # Same weights, same compiled code: bitwise the same answer.
     assert torch.equal(torch.load(str(tmp_path / "cold.pt")), torch.load(str(tmp_path / "warm.pt")))
@@ -58,6 +60,7 @@ def test_second_process_and_copied_cache_compile_warm(tmp_path):
     shutil.copytree(cache, shipped)
     other = _compile_in_child(shipped, 1, str(tmp_path / "other.pt"))
     assert other["inductor"].get("fxgraph_cache_hit") == 1 and other["aot"].get("autograd_cache_hit") == 1, other
+    assert other["export"] == {"export_cache_hit": 1}, other
     assert _kernels(shipped) == kernels
     out, ref = torch.load(str(tmp_path / "other.pt")), torch.load(str(tmp_path / "other.pt.eager"))
     assert_close(out, ref, scale_tol=RTOL_SCALE, what="warm compile with other weights vs its eager")
