@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the cache the cold one filled), then this process compiles warm [default on CPU]. "
                         "fresh: this process compiles each variant once with an empty cache (cold only) [default on "
                         "CUDA]. reuse: compile once with the environment's TORCHINDUCTOR_CACHE_DIR (neither) [smoke]")
+    p.add_argument("--warm-probes", type=int, default=3,
+                   help="probe mode: warm compiles per variant, each a fresh process on the cold one's cache; the "
+                        "median is the warm figure (this VM's page-fault cost moves between minutes) [3]")
     p.add_argument("--ours-options", default=None, help="JSON of InductorOptions fields for ours, e.g. '{\"freezing\": false}'")
     p.add_argument("--recipe-mode", default=None, help="torch.compile mode for the recipe instead of the device's "
                                                         "(default, reduce-overhead, max-autotune, ...)")
@@ -106,8 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in (args.variants or "").split(","):
         if name.strip() and name.strip() not in known:
             p.error(f"unknown variant {name.strip()!r}; expected some of {', '.join(sorted(known))}")
-    if args.rounds < 1 or args.warmup < 0 or args.inner < 1:
-        p.error("--rounds and --inner must be >= 1, --warmup >= 0")
+    if args.rounds < 1 or args.warmup < 0 or args.inner < 1 or args.warm_probes < 1:
+        p.error("--rounds, --inner and --warm-probes must be >= 1, --warmup >= 0")
     return args
 
 
@@ -359,8 +363,9 @@ def main(argv=None) -> int:
                                              "peak_x_weights": (w + peak - before) / w, "rss_peak_x_weights": peak / w,
                                              "peak_is_high_water_mark": rec.get("rss_peak_exact"),
                                              "sampled_peak_x_weights": (w + rec["rss_peak_sampled"] - before) / w}
-                log(f"[{name}] warm compile in a fresh process ...")
-                row["compile_warm_s"] = run_probe(args, extra, cache)["first_call_s"]
+                log(f"[{name}] warm compile in a fresh process (x{args.warm_probes}) ...")
+                runs = [run_probe(args, extra, cache)["first_call_s"] for _ in range(args.warm_probes)]
+                row["compile_warm_runs_s"], row["compile_warm_s"] = runs, statistics.median(runs)
                 if name == "ours-aot":
                     # Fresh processes: a byte copy made outside compiled_unet (a file from elsewhere: its checksums
                     # are read), the saved file's first load (save vouched for its copy), then a restart
