@@ -19,18 +19,19 @@ Not covered: torch's own functions replaced process-wide by the caller (`torch.n
 such a process should pass `compile(..., export_cache=False)` or set COMPILED_UNET_EXPORT_CACHE=0.
 
 Entries live in Inductor's cache folder (`compile(cache_dir=...)` or TORCHINDUCTOR_CACHE_DIR), so the folder that
-makes another machine's compile warm carries them too. A file is written atomically and checked on load (a
-checksum, then a restricted unpickler that builds only graph pieces): a damaged or foreign entry is a miss
-(logged, exported again, overwritten), never a wrong graph.
+makes another machine's compile warm carries them too; the least recently used go beyond MAX_ENTRIES. A file is
+written atomically and checked on load (a checksum, then an unpickler that can build only graph pieces: operators
+by name, dtypes, signature and pytree classes): a damaged or foreign entry is a miss (logged, exported again,
+overwritten), never a wrong graph and never code of the file's choosing.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import hashlib
 import io
 import logging
-import operator
 import os
 import pickle
 import sys
@@ -49,7 +50,8 @@ FORMAT = b"compiled_unet.export/1\n"
 # torch's compile counters (`torch._dynamo.utils.counters`): counters["compiled_unet"]["export_cache_hit"] etc.
 COUNTERS = "compiled_unet"
 FOLDER = "compiled_unet_export"
-_MAGIC_LEN = 32  # sha256 of the payload, after FORMAT
+MAX_ENTRIES = 256  # ~2 MB each for SD1.5: the least recently used go beyond this (a library upgrade re-keys them all)
+_DIGEST_LEN = 32  # sha256 of the payload, after FORMAT
 
 
 class NotCacheable(Exception):
@@ -132,7 +134,7 @@ def _describe(value, where: str, depth: int = 0):
     if isinstance(value, (set, frozenset)):
         return (type(value).__name__, tuple(sorted(repr(_describe(v, where, depth + 1)) for v in value)))
     if isinstance(value, dict):
-        if type(value) not in (dict,) and not _is_ours(type(value)) and type(value).__module__ != "collections":
+        if type(value) is not dict and not _is_ours(type(value)) and type(value).__module__ != "collections":
             raise NotCacheable(f"{where}: a {type(value).__qualname__}")
         return ("dict", type(value).__qualname__,
                 tuple((repr(k), _describe(v, f"{where}[{k!r}]", depth + 1)) for k, v in value.items()))
@@ -266,8 +268,14 @@ def _count(what: str) -> None:
 
 # -- the entry -----------------------------------------------------------------------------------------------------
 
-def _op_from(namespace: str, name: str, overload: str):
-    return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+def _op_from(namespace: str, name: str, overload: str) -> torch._ops.OpOverload:
+    """An operator overload by name (`torch.ops.aten.conv2d.default`); anything else is refused."""
+    if not all(isinstance(p, str) and p.isidentifier() and not p.startswith("__") for p in (namespace, name, overload)):
+        raise pickle.UnpicklingError(f"not an operator name: {namespace!r}.{name!r}.{overload!r}")
+    op = getattr(getattr(getattr(torch.ops, namespace), name), overload)
+    if not isinstance(op, torch._ops.OpOverload):
+        raise pickle.UnpicklingError(f"torch.ops.{namespace}.{name}.{overload} is not an operator overload")
+    return op
 
 
 class _Pickler(pickle.Pickler):
@@ -286,17 +294,15 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
-# What an entry may name: graph pieces, nothing that runs code on load.
-_ALLOWED = {
-    ("builtins", n) for n in ("getattr", "slice", "set", "frozenset", "complex", "tuple", "list", "dict", "ellipsis")
-} | {
+# What an entry may name: graph pieces, nothing that runs code on load. Functions by name; from the modules, classes
+# only (signatures, pytree specs, immutable containers: constructing one runs no code of the file's choosing).
+_ALLOWED = {("builtins", n) for n in ("tuple", "list", "dict", "set", "frozenset", "slice", "complex")} | {
     (__name__, "_op_from"), ("_operator", "getitem"), ("operator", "getitem"), ("collections", "OrderedDict"),
-    ("torch", "Size"), ("torch", "device"), ("torch", "dtype"), ("torch.serialization", "_get_layout"),
-    ("torch.fx.passes.shape_prop", "TensorMetadata"), ("torch.utils._pytree", "TreeSpec"),
-    ("torch.utils._pytree", "LeafSpec"), ("torch.utils._pytree", "_tree_spec_from_state"),
+    ("torch", "Size"), ("torch", "device"), ("torch.serialization", "_get_layout"),
+    ("torch.fx.passes.shape_prop", "TensorMetadata"),
 }
-_ALLOWED_MODULES = ("torch.export.graph_signature", "torch.export.exported_program", "torch.utils._pytree",
-                    "torch.fx.immutable_collections")
+_CLASS_MODULES = ("torch.export.graph_signature", "torch.export.exported_program", "torch.utils._pytree",
+                  "torch.fx.immutable_collections")
 
 
 def _is_torch_enum(module: str, name: str) -> bool:
@@ -313,7 +319,9 @@ class _Unpickler(pickle.Unpickler):
         self._mode = mode
 
     def find_class(self, module, name):
-        if (module, name) in _ALLOWED or module.startswith(_ALLOWED_MODULES) or _is_torch_enum(module, name):
+        if (module, name) in _ALLOWED or _is_torch_enum(module, name):
+            return super().find_class(module, name)
+        if module in _CLASS_MODULES and "." not in name and isinstance(getattr(sys.modules.get(module), name, None), type):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"an export cache entry names {module}.{name}")
 
@@ -349,6 +357,7 @@ def store(k: str | None, program: ExportedProgram) -> None:
     try:
         write_atomic(_entry_path(k), FORMAT + hashlib.sha256(payload).digest() + payload)
         _count("stored")
+        _prune(folder())
     except OSError as e:
         log.warning("export cache: could not write %s (%s)", _entry_path(k), e)
 
@@ -403,7 +412,21 @@ def load(k: str | None, unet: torch.nn.Module, args: tuple, kwargs: dict) -> Exp
         _count("damaged")
         return None
     _count("hit")
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: kept by _prune
     return program
+
+
+def _prune(where: str) -> None:
+    """Remove the least recently used entries beyond MAX_ENTRIES (another process may remove them first)."""
+    with contextlib.suppress(OSError):
+        entries = [e for e in os.scandir(where) if e.name.endswith(".pkl") and not e.name.startswith(".")]
+        if len(entries) <= MAX_ENTRIES:
+            return
+        entries.sort(key=lambda e: e.stat().st_mtime)
+        for e in entries[:len(entries) - MAX_ENTRIES]:
+            with contextlib.suppress(OSError):
+                os.remove(e.path)
 
 
 def _loads(data: bytes, unet, args, kwargs) -> ExportedProgram:
@@ -412,10 +435,10 @@ def _loads(data: bytes, unet, args, kwargs) -> ExportedProgram:
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     head = len(FORMAT)
-    if data[:head] != FORMAT or hashlib.sha256(data[head + _MAGIC_LEN:]).digest() != data[head:head + _MAGIC_LEN]:
+    if data[:head] != FORMAT or hashlib.sha256(data[head + _DIGEST_LEN:]).digest() != data[head:head + _DIGEST_LEN]:
         raise ValueError("wrong format or checksum")
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True, export=True)
-    entry = _Unpickler(io.BytesIO(data[head + _MAGIC_LEN:]), mode).load()
+    entry = _Unpickler(io.BytesIO(data[head + _DIGEST_LEN:]), mode).load()
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
 

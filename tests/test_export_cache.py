@@ -196,7 +196,21 @@ def test_diffusers_unet_is_exported_every_time():
     assert _key(build_diffusers_unet({**BASE, **CONFIGS["sd"]}), sample, t, kwargs) is None
 
 
-@pytest.mark.parametrize("damage", ["flipped_byte", "truncated", "foreign_global", "empty"])
+class _GetattrOfOs:
+    """Pickles as getattr(<an allowed function>, "__globals__"): from there anything is reachable; refused by name."""
+
+    def __reduce__(self):
+        return getattr, (export_cache._op_from, "__globals__")
+
+
+class _NotAnOp:
+    """Pickles as the entry's own op resolver asked for something that is not an operator."""
+
+    def __reduce__(self):
+        return export_cache._op_from, ("aten", "__class__", "__init__")
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "truncated", "foreign_global", "getattr", "not_an_op", "empty"])
 def test_a_damaged_entry_is_a_miss_and_is_written_again(cache, damage):
     model = build("sd", seed=0)
     sample, t, kwargs = _inputs()
@@ -209,8 +223,8 @@ def test_a_damaged_entry_is_a_miss_and_is_written_again(cache, damage):
         data = data[:i] + bytes([data[i] ^ 1]) + data[i + 1:]
     elif damage == "truncated":
         data = data[: len(data) // 3]
-    elif damage == "foreign_global":  # a well-formed file (right checksum) naming something that runs code
-        payload = pickle.dumps(os.system)
+    elif damage in ("foreign_global", "getattr", "not_an_op"):  # well-formed files (right checksum) reaching code
+        payload = pickle.dumps({"foreign_global": os.system, "getattr": _GetattrOfOs(), "not_an_op": _NotAnOp()}[damage])
         data = export_cache.FORMAT + hashlib.sha256(payload).digest() + payload
     else:
         data = b""
@@ -235,3 +249,36 @@ def test_compile_export_cache_false_neither_reads_nor_writes(cache):
     assert not cache.exists() and not counters[export_cache.COUNTERS]
     assert export(model, sample, t, **kwargs).graph_module.code  # plain export() never touches the cache
     assert not cache.exists()
+
+
+@pytest.mark.parametrize("payload, refusal", [
+    (os.system, "names posix.system"), (_GetattrOfOs(), "names builtins.getattr"),
+    (_NotAnOp(), "not an operator name"), (exec, "names builtins.exec"),
+])
+def test_the_entry_reader_builds_graph_pieces_only(payload, refusal):
+    import io
+
+    data = pickle.dumps(payload)
+    with pytest.raises(pickle.UnpicklingError, match=refusal):
+        export_cache._Unpickler(io.BytesIO(data), mode=None).load()
+
+
+def test_entries_beyond_the_cap_go_least_recently_used_first(cache, monkeypatch):
+    import time
+
+    model = build("sd", seed=0)
+    sample, t, kwargs = _inputs()
+    program, _ = _export_with_freeu_inputs(model, sample, t, kwargs)
+    args, kw = program.example_inputs
+    for p in cache.iterdir():
+        p.unlink()
+    monkeypatch.setattr(export_cache, "MAX_ENTRIES", 2)
+    keys = ["a" * 40, "b" * 40, "c" * 40]
+    for i, k in enumerate(keys[:2]):
+        export_cache.store(k, program)
+        os.utime(cache / f"{k}.pkl", (1000 + i, 1000 + i))  # a then b, in the past
+    assert export_cache.load(keys[0], model, args, kw) is not None  # a used now: newer than b
+    time.sleep(0.01)
+    export_cache.store(keys[2], program)  # one entry too many: b, the least recently used, goes
+    left = {p.name[:40] for p in cache.iterdir() if p.suffix == ".pkl"}
+    assert keys[2] in left and keys[0] in left and keys[1] not in left and len(left) == 2
