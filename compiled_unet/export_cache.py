@@ -115,6 +115,21 @@ def _check_class(cls: type, where: str) -> None:
                 raise NotCacheable(f"{klass.__qualname__}.{name} was replaced ({fn.__module__}.{fn.__qualname__})")
 
 
+def _class_data(cls: type) -> tuple:
+    """The class-level data attributes of a library class and its library bases (a forward reading `self.flag`
+    reads the class's value when the instance has none): described like instance attributes."""
+    out = []
+    for klass in cls.__mro__:
+        if not klass.__module__.startswith(_OURS):
+            continue
+        for name, value in sorted(vars(klass).items()):
+            if name.startswith("__") or callable(value) or isinstance(value, (property, staticmethod, classmethod,
+                                                                                types.MemberDescriptorType)):
+                continue
+            out.append((klass.__qualname__, name, _describe(value, f"{klass.__qualname__}.{name}")))
+    return tuple(out)
+
+
 def _describe(value, where: str, depth: int = 0):
     """A hashable, process-independent description of an attribute's value, or NotCacheable."""
     if depth > 8:
@@ -174,7 +189,7 @@ def _describe_module(name: str, module: torch.nn.Module) -> tuple:
         attrs.append((k, _describe(v, f"{where}.{k}")))
     tensors = tuple((kind, k, None if t is None else (str(t.dtype), tuple(t.shape), str(t.device), t.layout == torch.strided))
                     for kind, d in (("p", module._parameters), ("b", module._buffers)) for k, t in d.items())
-    return (name, tuple(attrs), tensors, tuple(sorted(module._non_persistent_buffers_set)),
+    return (name, _class_data(type(module)), tuple(attrs), tensors, tuple(sorted(module._non_persistent_buffers_set)),
             tuple(module._modules))
 
 
@@ -202,11 +217,15 @@ def remember_namespaces() -> None:
         space = _namespace(name)
         if name in _NAMESPACES or space is None or name == __name__:
             continue
-        _NAMESPACES[name] = _callables(space)
+        _NAMESPACES[name] = _watched(space)
 
 
-def _callables(space) -> dict[str, object]:
-    return {k: v for k, v in vars(space).items() if callable(v) and not isinstance(v, type) and not k.startswith("__")}
+def _watched(space) -> dict[str, object]:
+    """The functions of a namespace, and for a library module also its public data (constants such as block
+    tables): rebinding any of them since import makes the UNet uncacheable."""
+    ours = isinstance(space, types.ModuleType) and space.__name__.startswith(_OURS)
+    return {k: v for k, v in vars(space).items() if not k.startswith("__") and not isinstance(v, types.ModuleType)
+            and ((callable(v) and not isinstance(v, type)) or (ours and not k.startswith("_")))}
 
 
 def _describe_globals() -> tuple:
@@ -225,8 +244,8 @@ def _describe_globals() -> tuple:
         for attr, value in remembered.items():
             if getattr(space, attr, None) is not value:
                 raise NotCacheable(f"{name}.{attr} was replaced after compiled_unet was imported")
-        if name == "torch.Tensor" and _callables(space).keys() - remembered.keys():  # a method added over a base's
-            raise NotCacheable(f"torch.Tensor gained {sorted(_callables(space).keys() - remembered.keys())}")
+        if name == "torch.Tensor" and _watched(space).keys() - remembered.keys():  # a method added over a base's
+            raise NotCacheable(f"torch.Tensor gained {sorted(_watched(space).keys() - remembered.keys())}")
     autocast = tuple((d, torch.is_autocast_enabled(d), str(torch.get_autocast_dtype(d))) for d in ("cpu", "cuda"))
     return (str(torch.get_default_dtype()), autocast, torch.are_deterministic_algorithms_enabled(),
             torch.is_inference_mode_enabled(), torch.is_grad_enabled())

@@ -113,7 +113,8 @@ def test_a_model_with_other_weights_reads_the_entry_and_gets_its_own_weights(cac
                                    second(sample, t, **kwargs, return_dict=False)[0], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("change", ["shape", "dtype", "processor", "freeu", "attribute", "source", "default_dtype"])
+@pytest.mark.parametrize("change", ["shape", "dtype", "processor", "freeu", "attribute", "class_attribute", "source",
+                                    "default_dtype"])
 def test_the_key_changes_with_what_the_trace_reads(change, monkeypatch):
     model = build("sd", seed=0)
     sample, t, kwargs = _inputs()
@@ -131,6 +132,10 @@ def test_the_key_changes_with_what_the_trace_reads(change, monkeypatch):
         model.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
     elif change == "attribute":
         next(m for m in model.modules() if type(m).__name__ == "Attention").scale *= 2
+    elif change == "class_attribute":  # a forward reading self.<name> finds the class's value
+        from compiled_unet.attention import Attention
+
+        monkeypatch.setattr(Attention, "upcast_softmax_default", True, raising=False)
     elif change == "source":
         monkeypatch.setattr(export_cache, "_code_version", lambda: "another version of the library")
     elif change == "default_dtype":
@@ -158,8 +163,8 @@ def _replace_sdpa(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: None)
 
 
-@pytest.mark.parametrize("refusal", ["hook", "instance_forward", "class_method", "library_function", "torch_function",
-                                     "foreign_processor", "function_mode", "disabled"])
+@pytest.mark.parametrize("refusal", ["hook", "instance_forward", "class_method", "library_function", "library_constant",
+                                     "torch_function", "foreign_processor", "function_mode", "disabled"])
 def test_what_the_key_cannot_describe_is_exported_every_time(refusal, monkeypatch):
     model = build("sd", seed=0)
     sample, t, kwargs = _inputs()
@@ -171,6 +176,10 @@ def test_what_the_key_cannot_describe_is_exported_every_time(refusal, monkeypatc
         _replace_a_method(monkeypatch)
     elif refusal == "library_function":
         _replace_split_heads(monkeypatch)
+    elif refusal == "library_constant":
+        import compiled_unet.blocks as blocks
+
+        monkeypatch.setattr(blocks, "NO_CONDITIONING", blocks.Conditioning())
     elif refusal == "torch_function":
         _replace_sdpa(monkeypatch)
     elif refusal == "foreign_processor":
