@@ -228,6 +228,17 @@ def _watched(space) -> dict[str, object]:
             and ((callable(v) and not isinstance(v, type)) or (ours and not k.startswith("_")))}
 
 
+def _shared_tensors(unet: torch.nn.Module) -> tuple:
+    """(name, the first name of the same tensor) for each tied parameter or buffer: export gives a tied tensor one
+    input, so two UNets that differ only in what is tied have different graphs."""
+    first: dict[int, str] = {}
+    tied = []
+    for name, t in [*unet.named_parameters(remove_duplicate=False), *unet.named_buffers(remove_duplicate=False)]:
+        if first.setdefault(id(t), name) != name:
+            tied.append((name, first[id(t)]))
+    return tuple(tied)
+
+
 def _describe_globals() -> tuple:
     from torch.nn.modules import module as nn_module
 
@@ -271,7 +282,8 @@ def key(unet: torch.nn.Module, args: tuple, kwargs: dict) -> str | None:
         return None
     try:
         described = (_code_version(), _describe_globals(), _describe_inputs(args, kwargs),
-                     tuple(_describe_module(n, m) for n, m in unet.named_modules(remove_duplicate=False)))
+                     tuple(_describe_module(n, m) for n, m in unet.named_modules(remove_duplicate=False)),
+                     _shared_tensors(unet))
     except NotCacheable as e:
         log.info("export cache: not used for this UNet (%s)", e)
         _count("uncacheable")

@@ -113,8 +113,8 @@ def test_a_model_with_other_weights_reads_the_entry_and_gets_its_own_weights(cac
                                    second(sample, t, **kwargs, return_dict=False)[0], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("change", ["shape", "dtype", "processor", "freeu", "attribute", "class_attribute", "source",
-                                    "default_dtype"])
+@pytest.mark.parametrize("change", ["shape", "dtype", "processor", "freeu", "attribute", "class_attribute", "tied",
+                                    "source", "default_dtype"])
 def test_the_key_changes_with_what_the_trace_reads(change, monkeypatch):
     model = build("sd", seed=0)
     sample, t, kwargs = _inputs()
@@ -132,6 +132,9 @@ def test_the_key_changes_with_what_the_trace_reads(change, monkeypatch):
         model.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
     elif change == "attribute":
         next(m for m in model.modules() if type(m).__name__ == "Attention").scale *= 2
+    elif change == "tied":  # one tensor for two convolutions: export gives it one input
+        resnet = model.down_blocks[0].resnets[0]
+        resnet.conv2.weight = resnet.conv1.weight
     elif change == "class_attribute":  # a forward reading self.<name> finds the class's value
         from compiled_unet.attention import Attention
 
@@ -291,3 +294,16 @@ def test_entries_beyond_the_cap_go_least_recently_used_first(cache, monkeypatch)
     export_cache.store(keys[2], program)  # one entry too many: b, the least recently used, goes
     left = {p.name[:40] for p in cache.iterdir() if p.suffix == ".pkl"}
     assert keys[2] in left and keys[0] in left and keys[1] not in left and len(left) == 2
+
+
+def test_a_tied_model_never_reads_an_untied_models_graph(cache):
+    untied, tied = build("sd", seed=0), build("sd", seed=0)
+    resnet = tied.down_blocks[0].resnets[0]
+    resnet.conv2.weight = resnet.conv1.weight
+    sample, t, kwargs = _inputs()
+    _export_with_freeu_inputs(untied, sample, t, kwargs)
+    program, _ = _export_with_freeu_inputs(tied, sample, t, kwargs)
+    assert counters[export_cache.COUNTERS]["export_cache_hit"] == 0
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(sample, t, **kwargs)[0],
+                                   tied(sample, t, **kwargs, return_dict=False)[0], rtol=0, atol=1e-5)
