@@ -382,8 +382,8 @@ def store(k: str | None, program: ExportedProgram) -> None:
         return
     try:
         payload = _dumps(program)
-    except (NotCacheable, pickle.PicklingError, TypeError, AttributeError) as e:
-        log.info("export cache: not stored (%s)", e)
+    except Exception as e:  # noqa: BLE001 - a graph the entry cannot hold is simply not stored; the compile goes on
+        log.info("export cache: not stored (%s: %s)", type(e).__name__, e)
         return
     try:
         write_atomic(_entry_path(k), FORMAT + hashlib.sha256(payload).digest() + payload)
