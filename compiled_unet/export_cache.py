@@ -42,6 +42,7 @@ import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from . import _lru
 from ._atomic import write_atomic
 
 log = logging.getLogger("compiled_unet.export_cache")
@@ -386,9 +387,9 @@ def store(k: str | None, program: ExportedProgram) -> None:
         log.info("export cache: not stored (%s: %s)", type(e).__name__, e)
         return
     try:
+        _lru.prune(folder(), ".pkl", MAX_ENTRIES, incoming_bytes=len(payload))
         write_atomic(_entry_path(k), FORMAT + hashlib.sha256(payload).digest() + payload)
         _count("stored")
-        _prune(folder())
     except OSError as e:
         log.warning("export cache: could not write %s (%s)", _entry_path(k), e)
 
@@ -444,20 +445,8 @@ def load(k: str | None, unet: torch.nn.Module, args: tuple, kwargs: dict) -> Exp
         return None
     _count("hit")
     with contextlib.suppress(OSError):
-        os.utime(path)  # recently used: kept by _prune
+        os.utime(path)  # recently used: kept by _lru.prune
     return program
-
-
-def _prune(where: str) -> None:
-    """Remove the least recently used entries beyond MAX_ENTRIES (another process may remove them first)."""
-    with contextlib.suppress(OSError):
-        entries = [e for e in os.scandir(where) if e.name.endswith(".pkl") and not e.name.startswith(".")]
-        if len(entries) <= MAX_ENTRIES:
-            return
-        entries.sort(key=lambda e: e.stat().st_mtime)
-        for e in entries[:len(entries) - MAX_ENTRIES]:
-            with contextlib.suppress(OSError):
-                os.remove(e.path)
 
 
 def _loads(data: bytes, unet, args, kwargs) -> ExportedProgram:

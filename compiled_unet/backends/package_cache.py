@@ -40,6 +40,7 @@ from typing import Any, Mapping
 import torch
 import torch.utils._pytree as pytree
 
+from .. import _lru
 from .._atomic import atomic_file
 from . import aoti_library
 from .aoti_library import KEEP_LIBRARIES, max_cache_bytes
@@ -157,20 +158,7 @@ def _entry(key: str) -> str:
 def _prune(root: str, incoming_bytes: int) -> None:
     """Keep the most recently used packages within KEEP_LIBRARIES and max_cache_bytes(), room made for one of
     `incoming_bytes`."""
-    entries = []
-    for name in os.listdir(root) if os.path.isdir(root) else ():
-        with contextlib.suppress(OSError):
-            st = os.stat(os.path.join(root, name))
-            if name.endswith(".pt2") and not name.startswith("."):
-                entries.append((max(st.st_atime, st.st_mtime), st.st_size, name))
-    budget, count = max_cache_bytes() - incoming_bytes, KEEP_LIBRARIES - 1
-    for _, size, name in sorted(entries, reverse=True):
-        if count > 0 and size <= budget:
-            budget, count = budget - size, count - 1
-        else:
-            budget = -1  # strictly most recently used: nothing older than a package that does not fit
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(root, name))
+    _lru.prune(root, ".pt2", KEEP_LIBRARIES, max_cache_bytes(), incoming_bytes)
 
 
 def _meta(t: torch.Tensor) -> list:
