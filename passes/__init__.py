@@ -19,7 +19,8 @@ repeat counts) that a traced pattern would pin to one shape.
 import torch
 
 from ._context import OptimizeConfig, PassContext, free_storage
-from ._runner import PassReport, PassStat, cleanup, op_counts, optimize, pass_name, with_weights
+from ._runner import (PassReport, PassStat, cleanup, lazy_graph_module, op_counts, optimize, pass_name,
+                      with_weights)
 from .attention_mask import broadcast_attention_mask
 from .attention_sdpa import attention_to_sdpa
 from .constant_fold import constant_fold
@@ -66,7 +67,7 @@ def default_passes(device=None) -> tuple:
 __all__ = [
     "CPU_PASSES", "DEFAULT_PASSES", "OptimizeConfig", "PassContext", "PassReport", "PassStat", "SliceAttention", "attention_to_sdpa",
     "broadcast_attention_mask", "cleanup", "constant_fold", "default_passes", "fold_channel_scale", "free_storage", "freeu_backbone", "freeu_fourier",
-    "fuse_qkv", "linear_to_conv1x1", "merge_sliced_attention", "op_counts", "optimize", "pass_name", "prepack_mkl_linear", "prepack_onednn",
+    "fuse_qkv", "lazy_graph_module", "linear_to_conv1x1", "merge_sliced_attention", "op_counts", "optimize", "pass_name", "prepack_mkl_linear", "prepack_onednn",
     "remove_asserts", "remove_dropout",
     "remove_noops", "unpack_mkl_linear", "with_weights",
 ]

@@ -99,6 +99,21 @@ class PassReport:
 
 # --------------------------------------------------------------------------------------------------
 
+def lazy_graph_module(root, graph: fx.Graph) -> fx.GraphModule:
+    """`fx.GraphModule(root, graph)` whose Python code is generated when something needs it (a call, `.code`,
+    printing, pickling), not at construction and not at each `recompile()`.
+
+    Why: generating the code of an SD1.5 graph (~20k nodes) takes ~0.1 s, and a compile made the code of
+    graphs nobody ran or read ten times: the pass runner's copy, its recompile, the jit runner's module, the
+    pruning of its inputs, AOTAutograd's placeholder renaming (twice): ~1 s of a ~6 s warm compile
+    (benchmarks/NOTES.md). torch's Inductor uses the same class for its own graphs."""
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # not in this torch: code made eagerly
+        return fx.GraphModule(root, graph)
+    return _LazyGraphModule(root, graph)
+
+
 def _copy_graph_module(ep: ExportedProgram) -> tuple[fx.GraphModule, dict[str, str]]:
     """Copy of the program's graph module (node meta copied shallowly: fake values are shared), and the
     renames graph_copy made (old name -> new name)."""
@@ -106,7 +121,7 @@ def _copy_graph_module(ep: ExportedProgram) -> tuple[fx.GraphModule, dict[str, s
     env: dict = {}
     out = graph.graph_copy(ep.graph, env)
     graph.output(out)
-    gm = fx.GraphModule(ep.graph_module, graph)
+    gm = lazy_graph_module(ep.graph_module, graph)
     gm.meta.update(ep.graph_module.meta)
     return gm, {old.name: new.name for old, new in env.items() if old.name != new.name}
 

@@ -392,16 +392,22 @@ def test_cpu_default_passes_route_linears_to_the_kernel_measured_faster(compiled
     assert compiled_jit.report.rewrites[chosen] > 0 and other not in compiled_jit.report.rewrites
 
 
-def test_weights_lifted_from_the_program_as_the_unlift_would(compiled_jit):
+def test_weights_lifted_from_the_program_as_the_unlift_would(compiled_jit, monkeypatch):
     """JitRunner takes the program's graph with its weights as leading inputs (backends/inductor.py
     `_weights_as_inputs`) instead of unlifting them into attributes and lifting them back: the same weights,
-    the same tensors, and the same outputs, bit for bit (the same ops in eager)."""
+    the same tensors, and the same outputs, bit for bit (the same ops in eager). Its Python code is made when
+    first needed, not with the module (Inductor reads the graph)."""
     import torch.utils._pytree as pytree
 
     from compiled_unet.backends.inductor import _flat_module, _lift_weights, _weights_as_inputs
 
     ep = compiled_jit._optimized
-    module, weights = _weights_as_inputs(ep)
+    made, real = [], torch.fx.Graph.python_code
+    with monkeypatch.context() as m:
+        m.setattr(torch.fx.Graph, "python_code", lambda self, *a, **k: made.append(1) or real(self, *a, **k))
+        module, weights = _weights_as_inputs(ep)
+        module.recompile()
+    assert made == []
     unlifted, in_spec, out_spec = _flat_module(ep)
     lifted_back = _lift_weights(unlifted)
     assert weights.keys() == lifted_back.keys() and all(weights[k] is lifted_back[k] for k in weights)

@@ -386,9 +386,13 @@ def _weights_as_inputs(ep: torch.export.ExportedProgram) -> tuple[torch.fx.Graph
         weights[spec.target] = value
     if len(placeholders) - n_weights != ep.call_spec.in_spec.num_leaves:
         return None
+    from .. import passes as graph_passes
+
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(ep.graph, {}))
-    return torch.fx.GraphModule(ep.graph_module, graph), weights  # root: what get_attr nodes name, if any
+    # root: what get_attr nodes name, if any; lazy: Inductor reads the graph, and its code is made once (for
+    # AOTAutograd's cache key) instead of three more times
+    return graph_passes.lazy_graph_module(ep.graph_module, graph), weights
 
 
 def _weights_to_channels_last(weights: dict[str, torch.Tensor], ep: torch.export.ExportedProgram) -> None:

@@ -184,3 +184,39 @@ def test_signature_index_stays_in_step_with_the_graph(g):
     assert names == [s.arg.name for s in ep2.graph_signature.input_specs]
     assert set(ep2.state_dict) | set(ep2.constants) == {s.target for s in ep2.graph_signature.input_specs
                                                        if s.target is not None}
+
+
+def _count_code_generations(monkeypatch) -> list:
+    """Counts how often any graph's Python code is generated (torch.fx.Graph.python_code)."""
+    calls = []
+    real = torch.fx.Graph.python_code
+
+    def counted(self, *args, **kwargs):
+        calls.append(len(self.nodes))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fx.Graph, "python_code", counted)
+    return calls
+
+
+def test_optimize_generates_code_once(g, monkeypatch):
+    # The runner's working copy generates no code per pass (nor at its copy or its final recompile): only the
+    # returned program's module makes it, once. Each generation of SD1.5's graph costs ~0.1 s.
+    x = torch.randn(2, 3, 4)
+    ep = g.export(Noisy(), x)
+    calls = _count_code_generations(monkeypatch)
+    ep2, rep = g.optimize(ep, passes.remove_asserts, passes.remove_dropout, passes.remove_noops)
+    assert rep["remove_noops"] >= 4
+    assert len(calls) == 1
+    assert torch.equal(g.run(ep2, x), g.run(ep, x))
+
+
+def test_lazy_graph_module_makes_code_when_needed(monkeypatch):
+    gm = torch.fx.symbolic_trace(Noisy().eval())
+    calls = _count_code_generations(monkeypatch)
+    lazy = passes.lazy_graph_module(gm, gm.graph)
+    lazy.recompile()
+    assert calls == []                                   # not at construction, not at recompile
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(lazy(x), gm(x)) and len(calls) == 1  # made at the first call
+    assert "def forward" in lazy.code and len(calls) == 1    # and kept
