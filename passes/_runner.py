@@ -103,10 +103,10 @@ def lazy_graph_module(root, graph: fx.Graph) -> fx.GraphModule:
     """`fx.GraphModule(root, graph)` whose Python code is generated when something needs it (a call, `.code`,
     printing, pickling), not at construction and not at each `recompile()`.
 
-    Why: generating the code of an SD1.5 graph (~20k nodes) takes ~0.1 s, and a compile made the code of
-    graphs nobody ran or read ten times: the pass runner's copy, its recompile, the jit runner's module, the
-    pruning of its inputs, AOTAutograd's placeholder renaming (twice): ~1 s of a ~6 s warm compile
-    (benchmarks/NOTES.md). torch's Inductor uses the same class for its own graphs."""
+    Why: generating and compiling the code of SD1.5's graph (~2200 nodes) takes ~0.05 s, and a compile made
+    the code of graphs nobody ran or read ten times: the pass runner's copy, its recompile, the jit runner's
+    module, the pruning of its inputs, AOTAutograd's placeholder renaming (twice): ~0.3-0.5 s of a 5-7 s warm
+    compile (benchmarks/NOTES.md). torch's Inductor uses the same class for its own graphs."""
     try:
         from torch.fx._lazy_graph_module import _LazyGraphModule
     except ImportError:  # not in this torch: code made eagerly

@@ -311,7 +311,7 @@ def test_a_tied_model_never_reads_an_untied_models_graph(cache):
 
 def test_reading_an_entry_generates_the_graphs_code_once(cache, monkeypatch):
     # The program makes its module's code; a module made beside it for the metadata made it a second time
-    # (~0.1 s for SD1.5).
+    # (~0.05 s for SD1.5).
     model = build("sd", seed=0)
     sample, t, kwargs = _inputs()
     _export_with_freeu_inputs(model, sample, t, kwargs)

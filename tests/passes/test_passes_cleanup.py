@@ -201,7 +201,7 @@ def _count_code_generations(monkeypatch) -> list:
 
 def test_optimize_generates_code_once(g, monkeypatch):
     # The runner's working copy generates no code per pass (nor at its copy or its final recompile): only the
-    # returned program's module makes it, once. Each generation of SD1.5's graph costs ~0.1 s.
+    # returned program's module makes it, once. Each generation of SD1.5's graph costs ~0.05 s.
     x = torch.randn(2, 3, 4)
     ep = g.export(Noisy(), x)
     calls = _count_code_generations(monkeypatch)
