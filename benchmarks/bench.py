@@ -149,6 +149,15 @@ def _fresh_cache_env(folder: str) -> None:
         pass
 
 
+def _cpu_line(rec: dict) -> str:
+    """'6.1 s (user 4.2 s, system 1.3 s, C++ compiler 0.0 s, 0.89 M page faults)' of a probe record."""
+    cpu = rec.get("cpu") or {}
+    if not cpu:
+        return f"{rec['first_call_s']:.1f} s"
+    return (f"{rec['first_call_s']:.1f} s (user {cpu['user_s']:.1f} s, system {cpu['sys_s']:.1f} s, C++ compiler "
+            f"{cpu['children_user_s'] + cpu['children_sys_s']:.1f} s, {cpu['minor_faults'] / 1e6:.2f} M page faults)")
+
+
 def _compiled(name: str) -> bool:
     return name not in ("diffusers-eager", "torch-eager", "ours-eager")
 
@@ -205,7 +214,8 @@ def probe_main(args) -> int:
             b = build(args.probe, case, _json(args.ours_options), args.recipe_mode,
                       recipe_config=_json(args.recipe_config))
         rec = {"first_call_s": b.first_call_s, "weight_bytes": weight_bytes, "rss_before_compile": rss.before,
-               "rss_peak_compile": rss.peak, "rss_peak_sampled": rss.sampled_peak, "rss_peak_exact": rss.exact}
+               "rss_peak_compile": rss.peak, "rss_peak_sampled": rss.sampled_peak, "rss_peak_exact": rss.exact,
+               "cpu": rss.cpu}
         if args.probe_save and b.name == "ours-aot":
             import compiled_unet
 
@@ -330,11 +340,9 @@ def main(argv=None) -> int:
     if info.get("load_avg_1m", 0) > 0.5 * (info["cores"] or 1):
         log(f"WARNING: load average {info['load_avg_1m']:.1f} on {info['cores']} cores: timings will be noisy")
     started = time.time()
-    case = variants.build_case(args.preset, args.size, args.batch, device, variants.DTYPES[args.dtype],
-                               use_diffusers=not args.no_diffusers, log=log)
     requested = [n.strip() for n in args.variants.split(",") if n.strip()] if args.variants else None
-    names = variants.resolve_names(requested, case.has_diffusers, device)
-    log(f"case: {case.describe()}; baseline: {case.baseline}; variants: {', '.join(names)}")
+    names = variants.resolve_names(requested, variants.diffusers_available(not args.no_diffusers), device)
+    log(f"variants: {', '.join(names)}")
 
     scratch = tempfile.mkdtemp(prefix="bench_")
     built: dict[str, variants.Built] = {}
@@ -345,8 +353,10 @@ def main(argv=None) -> int:
         for name in names:
             rows[name] = {"name": name, "compile_cold_s": None, "compile_warm_s": None, "first_call_s": None,
                           "load_s": None, "held_bytes": None, "error": None}
-        # Probes first, while this process holds only the eager models: an SD1.5 AOT compile peaks at ~14 GB,
-        # which next to the other variants' frozen weights would not fit a 24 GB machine.
+        # Probes first, before this process builds any model: an SD1.5 AOT compile peaks at ~14 GB, which next to
+        # the variants' weights would not fit a 24 GB machine; and a compile measured beside this process's eager
+        # models (~3.4-7 GB) measures the machine's memory pressure as much as the compile (on a VM whose first
+        # touch of memory beyond ~5 GB ran 20x slower, the warm probes took 14-21 s instead of 5-7 s: NOTES.md).
         for name in (n for n in names if _compiled(n) and args.compile_times == "probe"):
             row = rows[name]
             try:
@@ -355,7 +365,8 @@ def main(argv=None) -> int:
                 extra = ["--probe", name] + (["--probe-save", pkg] if name == "ours-aot" else [])
                 log(f"[{name}] cold compile in a fresh process (empty Inductor cache) ...")
                 rec = run_probe(args, extra, cache)
-                row["compile_cold_s"] = rec["first_call_s"]
+                row["compile_cold_s"], row["compile_cold_cpu"] = rec["first_call_s"], rec.get("cpu")
+                log(f"[{name}] cold: {_cpu_line(rec)}")
                 if rec.get("weight_bytes"):
                     w, before, peak = rec["weight_bytes"], rec["rss_before_compile"], rec["rss_peak_compile"]
                     # Peak host memory of compiling, counting the model once: weights + what compiling added.
@@ -364,8 +375,11 @@ def main(argv=None) -> int:
                                              "peak_is_high_water_mark": rec.get("rss_peak_exact"),
                                              "sampled_peak_x_weights": (w + rec["rss_peak_sampled"] - before) / w}
                 log(f"[{name}] warm compile in a fresh process (x{args.warm_probes}) ...")
-                runs = [run_probe(args, extra, cache)["first_call_s"] for _ in range(args.warm_probes)]
+                warm = [run_probe(args, extra, cache) for _ in range(args.warm_probes)]
+                runs = [r["first_call_s"] for r in warm]
                 row["compile_warm_runs_s"], row["compile_warm_s"] = runs, statistics.median(runs)
+                row["compile_warm_cpu"] = [r.get("cpu") for r in warm]
+                log(f"[{name}] warm: " + "; ".join(_cpu_line(r) for r in warm))
                 if name == "ours-aot":
                     # Fresh processes: a byte copy made outside compiled_unet (a file from elsewhere: its checksums
                     # are read), the saved file's first load (save vouched for its copy), then a restart
@@ -384,6 +398,9 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
                 log(f"[{name}] FAILED: {row['error']}")
+        case = variants.build_case(args.preset, args.size, args.batch, device, variants.DTYPES[args.dtype],
+                                   use_diffusers=not args.no_diffusers, log=log)
+        log(f"case: {case.describe()}; baseline: {case.baseline}")
         for name in names:
             row = rows[name]
             compiled = _compiled(name)

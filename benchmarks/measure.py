@@ -168,12 +168,16 @@ class PeakRss:
     """Peak RSS of one phase: `with PeakRss() as p: ...; p.peak, p.before`. The kernel's high-water mark (VmHWM),
     reset on entry through /proc/self/clear_refs, is exact; where that is unavailable, a thread samples RSS every
     `interval` s, which misses short peaks while another thread holds the GIL (AOTInductor copying a 3.4 GB
-    library into its archive: 1x the weights unseen). `p.exact` says which one `p.peak` is."""
+    library into its archive: 1x the weights unseen). `p.exact` says which one `p.peak` is.
+    `p.cpu`: the phase's CPU seconds (user, system; its own and its waited-for children's, the C++ compiler) and
+    page faults. System time is where a VM's slow first touch of memory shows (benchmarks/NOTES.md)."""
 
     def __init__(self, interval: float = 0.05):
         import threading
 
         self.interval, self.before, self.peak, self.sampled_peak, self.exact = interval, 0, 0, 0, False
+        self.cpu: dict[str, float] = {}
+        self._usage = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -189,6 +193,7 @@ class PeakRss:
         except OSError:
             self.exact = False
         self.before = self.sampled_peak = rss_bytes()
+        self._usage = _usage()
         self._thread.start()
         return self
 
@@ -197,6 +202,15 @@ class PeakRss:
         self._thread.join()
         self.sampled_peak = max(self.sampled_peak, rss_bytes())
         self.peak = max(self.sampled_peak, _high_water_mark() if self.exact else 0)
+        self.cpu = {k: v - self._usage[k] for k, v in _usage().items()}
+
+
+def _usage() -> dict[str, float]:
+    import resource
+
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"user_s": me.ru_utime, "sys_s": me.ru_stime, "children_user_s": children.ru_utime,
+            "children_sys_s": children.ru_stime, "minor_faults": me.ru_minflt, "major_faults": me.ru_majflt}
 
 
 def _high_water_mark() -> int:

@@ -87,6 +87,17 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def diffusers_available(wanted: bool = True) -> bool:
+    """Whether `build_case(use_diffusers=wanted)` will have diffusers' model as the baseline."""
+    if not wanted:
+        return False
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build_case(preset: str, size: int | None, batch: int, device: torch.device, dtype: torch.dtype,
                use_diffusers: bool = True, reference: bool = True, log: Callable[[str], None] = print) -> Case:
     from compiled_unet.presets import build_random, example_inputs
@@ -97,14 +108,10 @@ def build_case(preset: str, size: int | None, batch: int, device: torch.device, 
     t0 = time.perf_counter()
     ours = build_random(preset)                                   # fp32, CPU, seeded
     sample, timestep, kwargs = example_inputs(preset, batch=batch, latent_size=size)
-    has_diffusers, why = False, "not requested"
-    if use_diffusers:
-        try:
-            import diffusers  # noqa: F401
-            has_diffusers = True
-        except ImportError:
-            why = "diffusers not installed"
-            log("diffusers is not installed: the baseline is our own eager model (roles a and b)")
+    has_diffusers = diffusers_available(use_diffusers)
+    why = "not requested" if not use_diffusers else "diffusers not installed"
+    if use_diffusers and not has_diffusers:
+        log("diffusers is not installed: the baseline is our own eager model (roles a and b)")
     if has_diffusers:
         import diffusers
 
