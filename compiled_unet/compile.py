@@ -14,6 +14,7 @@ float32 tensor of shape [batch] whatever the example's type, so fractional times
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from typing import Sequence
@@ -22,13 +23,15 @@ import torch
 from torch.export import ExportedProgram
 
 from . import passes as graph_passes
-from .backends import AotRunner, InductorOptions, JitRunner, check_backend
+from .backends import AotRunner, InductorOptions, JitRunner, check_backend, package_cache
 from .backends.vec_isa import start_probe as start_simd_probe
 from .progress import CompileProgress, count_cpp_kernels
-from .runtime.compiled import FREEU_INPUT, CompiledUNet, artifact_doc, config_to_dict
+from .runtime.compiled import FREEU_INPUT, CompiledUNet, artifact_doc, config_to_dict, report_from_doc
 from .runtime.signature import Signature
 # Kept importable from here (older code and tests): saving and loading live in runtime/artifacts.py.
 from .runtime.artifacts import load, save  # noqa: F401
+
+log = logging.getLogger("compiled_unet")
 
 
 def run_passes(ep: ExportedProgram, passes_list: Sequence | None, donate_weights: bool = False):
@@ -68,8 +71,10 @@ def compile(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.T
         folder is warm (SD1.5 32x32 on CPU: 21 s instead of 120 s; weights are inputs, so other weights hit
         too). Copied to another machine with the same torch version and CPU ISA, the folder makes the compile
         there warm as well; anything that differs (torch, ISA, compiler flags) is part of Inductor's keys and
-        simply misses (a cold compile, never a wrong kernel). AOT packages are kept there too, by content
-        (backends/package_cache.py): the same program, weights and options again is a copy of the package.
+        simply misses (a cold compile, never a wrong kernel). AOT packages are kept there too
+        (backends/package_cache.py), keyed before the passes by the exported program and its weights' bytes,
+        the passes, the options and the library's source: the same UNet, weights and options again skips the
+        passes and the lowering and loads the kept package (SD1.5 32x32: ~1 s to key, then the load).
     donate_weights: the caller gives up `unet`: each parameter's memory is freed as soon as the passes stop
         reading it (the float32 CPU jit default packs every convolution and linear weight, so the compile then
         holds ~1x the weights instead of the model's copy plus the packed one: SD1.5 32x32, benchmarks/NOTES.md).
@@ -166,11 +171,22 @@ def _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwarg
                 unet, sample, timestep, {"encoder_hidden_states": encoder_hidden_states, **forward_kwargs},
                 use_cache=use_export_cache)
         config = unet.config if config is None else config
+    config_dict = config_to_dict(config)
+    key = cached = None
+    if backend == "inductor" and options.aot:
+        # The package cache is keyed before the passes: a hit skips them (on CPU they pack every weight) too.
+        with progress.stage("package cache"):
+            key, cached = AotRunner.cached_package(exported, passes, options, artifact_doc_of_caller(config_dict, freeu))
+        if cached is not None and options.freezing:  # nothing to keep for swapping weights: the package is all
+            compiled = _from_cached_package(key, cached, exported, passes, config_dict, freeu, check_finite,
+                                            progress, donate_weights)
+            if compiled is not None:
+                return compiled
+            cached = None
     with progress.stage("passes"):
         optimized, report = run_passes(exported, passes, donate_weights)
     signature = Signature.from_program(optimized)
     args, kwargs = signature.bind(*optimized.example_inputs[0], **optimized.example_inputs[1])
-    config_dict = config_to_dict(config)
     fused = None if report is None else report.rewrites.get("fuse_qkv", 0) > 0
     with progress.stage("lowering"), count_cpp_kernels(progress):
         if backend == "xla":
@@ -182,8 +198,8 @@ def _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwarg
             # the caller's weights still alive (a pass-made parameter, e.g. a fused QKV weight, is nobody's model)
             given = _storage_bytes(exported.state_dict[n] for n in exported.graph_signature.parameters)
             held = {ptr: n for ptr, n in _storage_bytes(params).items() if ptr in given}
-            package = AotRunner.write_package(optimized, options, artifact_doc(signature, config_dict, freeu, fused),
-                                              donate_weights)
+            doc = artifact_doc(signature, config_dict, freeu, fused, report)
+            package = cached or AotRunner.write_package(optimized, options, doc, donate_weights, cache_key=key)
             if options.freezing:
                 # A frozen package's weights cannot be swapped, so nothing needs the programs past this point;
                 # dropped before the load, which copies the packed weights out of the library: with donated
@@ -201,6 +217,38 @@ def _compile_stages(unet, sample, timestep, encoder_hidden_states, forward_kwarg
             runner = JitRunner(optimized, options, args, kwargs)
     return CompiledUNet(runner, signature, config_dict, exported=_weights_as_meta(exported), optimized=optimized,
                         passes=passes, report=report, freeu=freeu, fused_qkv=fused, check_finite=check_finite)
+
+
+def artifact_doc_of_caller(config_dict: dict | None, freeu) -> dict:
+    """The part of a package's artifact document that comes from the caller, not from the passes' program."""
+    return {"config": config_dict, "freeu": None if freeu is None else dict(freeu)}
+
+
+def _from_cached_package(key: str, cached, exported: ExportedProgram, passes, config_dict, freeu,
+                         check_finite: bool, progress: CompileProgress, donate_weights: bool) -> CompiledUNet | None:
+    """A CompiledUNet of the frozen package an earlier compile of the same program, passes and options made;
+    the passes did not run, so its report is the one that compile recorded in the package. None (the entry
+    removed) when the package's document is unreadable: the caller compiles."""
+    doc = cached[1]
+    try:
+        signature, report = Signature.from_json(doc["signature"]), report_from_doc(doc)
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("compiled_unet: cached package %s has an unreadable document (%s); compiling again", key, e)
+        cached[2].cleanup()
+        package_cache.discard(key)
+        return None
+    if donate_weights:  # given up, and the package holds every weight: freed as a compile would free them
+        params = [exported.state_dict[n] for n in exported.graph_signature.parameters]
+        before = _storage_bytes(params)
+        for p in params:
+            graph_passes.free_storage(p)
+        if report is not None:
+            left = _storage_bytes(params)
+            report.donated_bytes = sum(n - left.get(ptr, 0) for ptr, n in before.items())
+    with progress.stage("loading"):
+        runner = AotRunner.load_package(cached)
+    return CompiledUNet(runner, signature, config_dict, exported=_weights_as_meta(exported), passes=passes,
+                        report=report, freeu=freeu, fused_qkv=doc.get("fused_qkv"), check_finite=check_finite)
 
 
 def _weights_as_meta(ep: ExportedProgram | None) -> ExportedProgram | None:

@@ -44,6 +44,7 @@ from torch.export.graph_signature import InputKind
 
 from . import _lru
 from ._atomic import write_atomic
+from ._source import source_digest
 
 log = logging.getLogger("compiled_unet.export_cache")
 
@@ -74,17 +75,8 @@ def folder() -> str:
 @functools.lru_cache(maxsize=1)
 def _code_version() -> str:
     """This library's source (every .py file of the package), torch's and Python's versions."""
-    h = hashlib.sha256()
     root = os.path.dirname(os.path.abspath(__file__))
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__pycache__")))
-        for name in sorted(f for f in filenames if f.endswith(".py")):
-            path = os.path.join(dirpath, name)
-            h.update(os.path.relpath(path, root).encode() + b"\0")
-            with open(path, "rb") as f:
-                h.update(f.read())
-    h.update(f"torch {torch.__version__} python {sys.version_info[:3]}".encode())
-    return h.hexdigest()
+    return f"{source_digest(root)} torch {torch.__version__} python {sys.version_info[:3]}"
 
 
 _OURS = __name__.rpartition(".")[0] + "."          # "compiled_unet."
@@ -238,6 +230,17 @@ def _shared_tensors(unet: torch.nn.Module) -> tuple:
         if first.setdefault(id(t), name) != name:
             tied.append((name, first[id(t)]))
     return tuple(tied)
+
+
+def process_refusal() -> str | None:
+    """Why a key over this library's source cannot be trusted in this process (one of its functions or torch's
+    rebound since import, global hooks, an active torch function mode), or None. The package cache's key of a
+    compile's passes asks it too (backends/package_cache.py)."""
+    try:
+        _describe_globals()
+    except NotCacheable as e:
+        return str(e)
+    return None
 
 
 def _describe_globals() -> tuple:

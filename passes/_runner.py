@@ -96,6 +96,24 @@ class PassReport:
     def __str__(self) -> str:
         return self.table()
 
+    def to_json(self) -> dict:
+        """What an artifact records of the passes that made its graph: rewrites, node and op counts. Not the
+        seconds or donated bytes, which describe one compile, not the graph (the same program, the same record)."""
+        return {"nodes_before": self.nodes_before, "ops_before": dict(self.ops_before),
+                "stats": [{"name": s.name, "rewrites": s.rewrites, "nodes_after": s.nodes_after,
+                           "ops_after": dict(s.ops_after)} for s in self.stats]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PassReport":
+        """The report `to_json` recorded (each pass's seconds read as 0.0: not recorded). ValueError if damaged."""
+        try:
+            return cls(int(d["nodes_before"]), collections.Counter({str(k): int(v) for k, v in d["ops_before"].items()}),
+                       [PassStat(str(s["name"]), int(s["rewrites"]), int(s["nodes_after"]),
+                                 collections.Counter({str(k): int(v) for k, v in s["ops_after"].items()}), 0.0)
+                        for s in d["stats"]])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"damaged pass report ({type(e).__name__}: {e})") from None
+
 
 # --------------------------------------------------------------------------------------------------
 

@@ -285,6 +285,24 @@ def test_weight_swap_without_recompile(swappable_aot, tmp_path):
     assert not os.listdir(tmp_path)  # nothing written, not even a temporary
 
 
+def test_a_saved_package_records_what_the_passes_did(swappable_aot, tmp_path):
+    """A package's document records the pass report (rewrites, node and op counts: what `inspect` and a user read
+    of a shipped artifact; no timings), and a load gives it back; a damaged record is a DamagedArtifact naming the
+    file, not a stack trace."""
+    from compiled_unet.backends.inductor import _rewrite_package_doc, read_package_doc
+    from compiled_unet.errors import DamagedArtifact
+
+    compiled, path = swappable_aot
+    loaded = compiled_unet.load(path)
+    assert loaded.report.rewrites == compiled.report.rewrites and loaded.report.rewrites["fuse_qkv"] > 0
+    assert loaded.report.ops_after == compiled.report.ops_after
+    assert loaded.report.table() == compiled.report.table()
+    damaged = str(tmp_path / "damaged.pt2")
+    _rewrite_package_doc(path, damaged, {**read_package_doc(path), "passes": {"stats": "?"}})
+    with pytest.raises(DamagedArtifact, match="damaged.pt2.*pass report"):
+        compiled_unet.load(damaged)
+
+
 def test_two_loads_of_one_package_keep_their_own_weights(swappable_aot):
     """Both loads run the one cached library (dlopened once per process); a swap into one must not reach the
     other: each holds its own constants (outputs vs eager <= 1e-4 x scale; the untouched one bitwise unchanged)."""

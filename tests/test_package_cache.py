@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import zipfile
 
 import pytest
@@ -129,3 +130,90 @@ def test_keying_a_weight_leaves_it_freeable():
 
 def _raw_bytes(t: torch.Tensor) -> bytes:
     return bytes(t.contiguous().untyped_storage())
+
+
+# -- keyed before the passes (compiled_unet.compile, AOT) ---------------------------------------------------------
+
+def test_compile_key_covers_the_passes_the_weights_and_the_callers_document(monkeypatch):
+    from compiled_unet import passes as graph_passes
+
+    ep, cfg, passes, doc = _program()[0], {"freezing": True}, list(graph_passes.DEFAULT_PASSES), {"config": {"a": 1}}
+    key = package_cache.compile_key(ep, passes, cfg, doc)
+    assert key is not None and key == package_cache.compile_key(_program()[0], passes, cfg, doc)  # deterministic
+    assert key != package_cache.compile_key(ep, passes[:-1], cfg, doc)                # a pass left out
+    assert key != package_cache.compile_key(ep, passes[::-1], cfg, doc)               # another order
+    assert key != package_cache.compile_key(ep, None, cfg, doc)                       # no passes
+    assert key != package_cache.compile_key(ep, passes, {"freezing": False}, doc)     # compile options
+    assert key != package_cache.compile_key(ep, passes, cfg, {"config": {"a": 2}})    # the UNet's config
+    changed = _program()[0]
+    with torch.no_grad():
+        changed.state_dict["conv.weight"][0, 0, 0, 0] += 1e-6  # one value of one weight
+    assert key != package_cache.compile_key(changed, passes, cfg, doc)
+    with monkeypatch.context() as m:  # the passes' or the library's source changed
+        m.setattr(package_cache, "source_digest", lambda root: "another version")
+        assert key != package_cache.compile_key(ep, passes, cfg, doc)
+    assert key != package_cache.package_key(ep, cfg, doc)  # never the key of a program after its passes
+
+
+def test_passes_the_key_cannot_name_are_not_keyed_before_running(monkeypatch):
+    """A pass that is not one of the library's own functions has code the key does not cover: a changed user pass
+    must not be answered with the package of the old one. Such compiles are keyed after their passes."""
+    import functools
+
+    from compiled_unet import export_cache, passes as graph_passes
+
+    ep, cfg = _program()[0], {"freezing": True}
+
+    def users_pass(gm, ctx):
+        return 0
+
+    for odd in (users_pass, lambda gm, ctx: 0, functools.partial(graph_passes.remove_noops)):
+        assert package_cache.compile_key(ep, [graph_passes.remove_asserts, odd], cfg, {}) is None
+    with monkeypatch.context() as m:  # a function of the library the passes call, replaced in this process
+        m.setattr(sys.modules["compiled_unet.passes.fuse_qkv"], "fuse_qkv", users_pass)
+        assert export_cache.process_refusal() is not None
+        assert package_cache.compile_key(ep, [graph_passes.remove_asserts], cfg, {}) is None
+    assert package_cache.compile_key(ep, [graph_passes.remove_asserts], cfg, {}) is not None
+
+
+@pytest.mark.slow
+def test_a_second_aot_compile_of_a_unet_skips_the_passes_and_the_lowering(monkeypatch, caplog):
+    """The second compile of the same UNet (same weights, options) finds its package before running the passes:
+    no pass runs (the pass runner logs each pass it runs) and nothing is lowered; the outputs are bitwise those
+    of the first, which match eager (max-abs <= 1e-4 x scale); the report is the one the package recorded; a
+    donating caller's weights are all freed (the package holds them). (That other weights are another package:
+    test_compile_key_covers_the_passes_the_weights_and_the_callers_document.)
+    No library function is patched here, not even the package folder (`package_folder`): a replaced one makes
+    the key refuse, by design; so this uses the session's package cache, where the first compile may hit."""
+    import logging
+
+    import compiled_unet
+    from cases import build, inputs_for
+    from compiled_fixtures import assert_close_to_eager
+
+    (sample, timestep), kwargs = inputs_for("sd", batch=2, hw=(8, 8))
+    options = InductorOptions(aot=True)
+    caplog.set_level(logging.INFO, logger="passes")
+    first = compiled_unet.compile(build("sd"), sample, timestep, **kwargs, options=options)
+    assert list(first.compile_stages) in (["export", "package cache", "passes", "lowering"],
+                                          ["export", "package cache", "loading"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled again instead of using the cached package")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
+    monkeypatch.setattr(torch._inductor, "aot_compile", refuse)
+    caplog.clear()
+    model, twin = build("sd"), build("sd")
+    again = compiled_unet.compile(model, sample, timestep, **kwargs, options=options, donate_weights=True)
+    assert list(again.compile_stages) == ["export", "package cache", "loading"]
+    assert not [r.getMessage() for r in caplog.records if r.name == "passes"]
+    assert again.report.rewrites == first.report.rewrites and again.report.rewrites["prepack_onednn"] > 0
+    assert again.fused_qkv == first.fused_qkv and again.signature.to_json() == first.signature.to_json()
+    left = [n for n, p in model.named_parameters() if p.untyped_storage().nbytes()]
+    assert not left, left[:5]
+    assert again.report.donated_bytes == sum(p.numel() * p.element_size() for p in twin.parameters())
+    with torch.no_grad():
+        out = again(sample, timestep, **kwargs).sample
+        assert torch.equal(out, first(sample, timestep, **kwargs).sample)
+        assert_close_to_eager(out, twin(sample, timestep, **kwargs).sample)

@@ -20,6 +20,7 @@ import ctypes
 import dataclasses
 import gc
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +39,8 @@ from . import package_cache
 from . import aoti_library, cpp_units, cpu_kernels
 from .aoti_library import load_library_model
 from .vec_isa import vec_isa_config
+
+log = logging.getLogger("compiled_unet")
 
 FORMAT = "compiled_unet.inductor-aot/1"
 META_KEY = "compiled_unet"          # the AOTInductor metadata entry holding the artifact document (JSON)
@@ -451,16 +454,20 @@ def _check_aoti_available():
 
 
 def aot_compile(ep: torch.export.ExportedProgram, options: InductorOptions, package_path: str,
-                metadata: Mapping[str, str], donate_weights: bool = False) -> str:
+                metadata: Mapping[str, str], donate_weights: bool = False, cache_key: str | None = None) -> str:
     """AOTInductor-compile `ep` into a `.pt2` at `package_path` (written in place; callers rename), or copy the
     package an earlier compile of the same program, weights and options made (backends/package_cache.py).
     `donate_weights`: `ep`'s parameters are the caller's to give up; a frozen compile frees each one the
-    library does not hold before it serialises its constants (see `_free_params_once_lowered`)."""
+    library does not hold before it serialises its constants (see `_free_params_once_lowered`).
+    `cache_key`: the package cache's key, taken by the caller before its passes made `ep`
+    (`package_cache.compile_key`, which the caller has looked up and missed); None: `ep`'s own content key."""
     _check_aoti_available()
     cfg = _compile_config(options, ep)
-    key = package_cache.package_key(ep, cfg, metadata) if package_cache.enabled() else None
-    if key is not None and package_cache.lookup(key, package_path):
-        return package_path
+    key = cache_key
+    if key is None:
+        key = package_cache.package_key(ep, cfg, metadata) if package_cache.enabled() else None
+        if key is not None and package_cache.lookup(key, package_path):
+            return package_path
     cfg["aot_inductor.metadata"] = dict(metadata)
     path = _compile_and_package(ep, package_path, cfg, donate_weights)
     if key is not None:
@@ -640,17 +647,46 @@ class AotRunner:
         return cls.load_package(cls.write_package(ep, options, doc))
 
     @staticmethod
-    def write_package(ep, options: InductorOptions, doc: dict, donate_weights: bool = False) -> tuple:
+    def write_package(ep, options: InductorOptions, doc: dict, donate_weights: bool = False,
+                      cache_key: str | None = None) -> tuple:
         """`compile`'s first half: the package, not loaded (a caller can drop `ep` before loading it).
-        `donate_weights`: see `aot_compile`."""
+        `donate_weights`, `cache_key`: see `aot_compile`."""
         tmp = tempfile.TemporaryDirectory(prefix="compiled_unet_aoti_")
         path = os.path.join(tmp.name, "model.pt2")
         # The complete artifact document, as `save` writes it: saving is then a plain copy of this package.
         doc = {**doc, "format": FORMAT, "options": _options_doc(options),
                "constants": constant_specs(ep, list(ep.state_dict) + list(ep.constants))}
         t0 = time.perf_counter()
-        aot_compile(ep, options, path, {META_KEY: json.dumps(doc)}, donate_weights)
+        aot_compile(ep, options, path, {META_KEY: json.dumps(doc)}, donate_weights, cache_key)
         return path, doc, tmp, time.perf_counter() - t0
+
+    @staticmethod
+    def cached_package(exported, passes, options: InductorOptions, doc: dict) -> tuple[str | None, tuple | None]:
+        """Before the passes run: (the package cache's key for compiling `exported` after `passes`, the cached
+        package for it as `write_package` returns it, or None). `doc`: the caller's part of the artifact
+        document (config, FreeU scales). The key is None where the cache is off or cannot key the compile
+        (package_cache.compile_key); the compile then keys its package by content after the passes."""
+        if not package_cache.enabled():
+            return None, None
+        _check_aoti_available()
+        key = package_cache.compile_key(exported, passes, _compile_config(options, exported),
+                                        {**doc, "format": FORMAT, "options": _options_doc(options)})
+        if key is None:
+            return None, None
+        tmp = tempfile.TemporaryDirectory(prefix="compiled_unet_aoti_")
+        path = os.path.join(tmp.name, "model.pt2")
+        t0 = time.perf_counter()
+        if not package_cache.lookup(key, path):
+            tmp.cleanup()
+            return key, None
+        try:
+            doc = read_package_doc(path)
+        except DamagedArtifact as e:  # a cache entry is ours to replace: compile it again
+            log.warning("compiled_unet: cached package %s unreadable (%s); compiling again", key, e)
+            tmp.cleanup()
+            package_cache.discard(key)
+            return key, None
+        return key, (path, doc, tmp, time.perf_counter() - t0)
 
     @classmethod
     def load_package(cls, package: tuple) -> "AotRunner":

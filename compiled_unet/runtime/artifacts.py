@@ -17,7 +17,7 @@ from .._atomic import atomic_dir, atomic_file, write_atomic
 from ..backends import inductor
 from ..errors import DamagedArtifact
 from .buckets import ShapeBuckets
-from .compiled import CompiledUNet
+from .compiled import CompiledUNet, report_from_doc
 from .signature import Signature
 
 BUNDLE_MANIFEST = "manifest.json"
@@ -77,8 +77,12 @@ def _compiled(runner, path: str, check_finite: bool) -> CompiledUNet:
         signature = Signature.from_json(doc["signature"])
     except (KeyError, TypeError, ValueError):
         raise DamagedArtifact(f"{path}: damaged artifact (its input signature is unreadable)") from None
-    return CompiledUNet(runner, signature, doc.get("config"), freeu=doc.get("freeu"), fused_qkv=doc.get("fused_qkv"),
-                        check_finite=check_finite)
+    try:
+        report = report_from_doc(doc)
+    except ValueError as e:
+        raise DamagedArtifact(f"{path}: damaged artifact ({e})") from None
+    return CompiledUNet(runner, signature, doc.get("config"), report=report, freeu=doc.get("freeu"),
+                        fused_qkv=doc.get("fused_qkv"), check_finite=check_finite)
 
 
 def _load_bundle(path: str, check_finite: bool) -> ShapeBuckets:
