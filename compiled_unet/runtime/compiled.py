@@ -87,7 +87,7 @@ class CompiledUNet(torch.nn.Module):
         self.signature = signature
         self._config_dict = config
         self.config = config_from_dict(config)
-        self.report = report                   # passes.PassReport (None with passes=None)
+        self.report = report                   # passes.PassReport (None: passes=None, or loaded jit/XLA saves)
         self.check_finite = check_finite
         self._exported, self._optimized, self._passes = exported, optimized, passes
         self.fused_qkv = fused_qkv             # True when the graph's attention projections are fused
@@ -305,20 +305,26 @@ class CompiledUNet(torch.nn.Module):
     # ----- artifacts
     def artifact_doc(self) -> dict:
         """What an artifact of this UNet records besides the compiled code (format-independent part)."""
-        return artifact_doc(self.signature, self._config_dict, self.freeu_scales, self.fused_qkv, self.report)
+        # No pass report here: a jit graph saves as a package of another program (its packing undone), which
+        # that report does not describe; an AOT package keeps the one its compile recorded (AotRunner.save).
+        return artifact_doc(self.signature, self._config_dict, self.freeu_scales, self.fused_qkv)
 
 
 def artifact_doc(signature: Signature, config: dict | None, freeu: Mapping[str, float] | None,
                  fused_qkv: bool | None, report=None) -> dict:
     """The artifact document: what `load` needs to rebuild a CompiledUNet without the model source (runners
-    add their options and weight specs), and what the passes did (`report`, a passes.PassReport)."""
-    return {"signature": signature.to_json(), "config": config, "freeu": None if freeu is None else dict(freeu),
-            "fused_qkv": fused_qkv, "torch": torch.__version__,
-            "passes": None if report is None else report.to_json()}
+    add their options and weight specs), and, for a package compiled from the passes' program, what the passes
+    did (`report`, a passes.PassReport: `load` and a package-cache hit give it back)."""
+    doc = {"signature": signature.to_json(), "config": config, "freeu": None if freeu is None else dict(freeu),
+           "fused_qkv": fused_qkv, "torch": torch.__version__}
+    if report is not None:
+        doc["passes"] = report.to_json()
+    return doc
 
 
 def report_from_doc(doc: Mapping) -> Any:
-    """The passes.PassReport an artifact document records, or None (passes=None, or an older artifact)."""
+    """The passes.PassReport an artifact document records, or None (passes=None, a saved jit graph or XLA
+    artifact, or an older package)."""
     if not doc.get("passes"):
         return None
     from .. import passes as graph_passes
