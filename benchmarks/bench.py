@@ -229,7 +229,8 @@ RESULTS_HEADER_V2 = """
 
 One row per run of `python -m benchmarks.bench` since issue 14 (appended by the tool). Medians of interleaved
 rounds in one process; "peak" = the better of a 2048² sgemm and a packed 640-channel 3x3 conv measured in the
-same run (benchmarks/measure.py `measured_peak`); % of peak = counted FLOPs (FlopCounterMode, one eager
+same run, just before and just after the timed rounds (benchmarks/measure.py `measured_peak`, `better_peak`;
+rows up to 2026-12-05's fifth 32x32 row: before the rounds only); % of peak = counted FLOPs (FlopCounterMode, one eager
 forward) / median time / peak. Compile times from fresh processes: cold = empty Inductor cache, warm = the
 cache the cold one filled. Compile memory = (weights + RSS added while compiling) / weights, the model
 counted once (raw process RSS peak / weights in the JSON record). Machine: CPU, torch's ISA, cpuinfo flags.
@@ -457,6 +458,9 @@ def main(argv=None) -> int:
             log(f"peak: {peak['gflops']:.0f} GFLOP/s ({peak['method']}); one forward {flops / 1e9:.1f} GFLOP")
         log(f"timing: {args.rounds} interleaved rounds x {len(built)} variants")
         times = measure.time_rounds({n: b.fn for n, b in built.items()}, args.rounds, device, args.inner)
+        if peak:
+            peak = measure.better_peak(peak, measure.measured_peak(device, case.dtype))
+            log(f"peak after the rounds: {peak['after_gflops']:.0f} GFLOP/s; the run's peak: {peak['gflops']:.0f}")
         for name, secs in times.items():
             rows[name].update(measure.summarize(secs), times_ms=[s * 1e3 for s in secs])
 

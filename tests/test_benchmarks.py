@@ -160,3 +160,18 @@ def test_recipe_config_merges_over_the_recipe():
     assert recipe["mode"] == "reduce-overhead" and recipe["inductor_config"]["coordinate_descent_tuning"] is False
     assert recipe["inductor_config"]["conv_1x1_as_mm"] is True and recipe["fuse_qkv"] is True
     assert RECIPES["cuda"]["inductor_config"]["coordinate_descent_tuning"] is True  # the table is not modified
+
+
+def test_the_runs_peak_is_the_better_of_before_and_after_the_rounds():
+    """A peak probe that lands in a slow minute must not make "% of peak" exceed what the machine did: the run's
+    peak is the better matmul and the better conv of the two probes, and both probes stay in the record."""
+    from benchmarks import measure
+
+    def probe(mm, conv):
+        return {"matmul": {"n": 2048, "gflops": mm}, "conv3x3": {"channels": 640, "size": 32, "gflops": conv},
+                "gflops": max(mm, conv)}
+
+    peak = measure.better_peak(probe(190.0, 339.0), probe(200.0, 420.0))
+    assert peak["gflops"] == 420.0 and peak["matmul"]["gflops"] == 200.0 and peak["conv3x3"]["gflops"] == 420.0
+    assert (peak["before_gflops"], peak["after_gflops"]) == (339.0, 420.0)
+    assert measure.better_peak(probe(210.0, 400.0), probe(190.0, 380.0))["gflops"] == 400.0
