@@ -103,6 +103,8 @@ def cmd_inspect(args) -> int:
 
     if args.profile_repeats < 1:  # checked before the (slow) export
         raise UserError(f"--profile-repeats {args.profile_repeats}: expected a positive integer")
+    if args.artifact:
+        return _inspect_artifact(args)
     if args.program:
         if not os.path.isfile(args.program):
             raise UserError(f"--program {args.program!r}: no such file (expected a torch.export.save'd program)")
@@ -142,6 +144,41 @@ def cmd_inspect(args) -> int:
         note(f"\nblock picture written to {args.svg}")
     if views is not None:
         _write_views(args, views, note)
+    return 0
+
+
+def _inspect_artifact(args) -> int:
+    """What a compiled `.pt2` package says of itself (read from its document: no load, no model source): inputs,
+    options, size, torch, and the pass report its compile recorded."""
+    import json
+
+    from .backends.inductor import read_package_doc
+    from .errors import DamagedArtifact
+    from .runtime.compiled import report_from_doc
+    from .runtime.signature import Signature
+
+    if not os.path.isfile(args.artifact):
+        raise UserError(f"--artifact {args.artifact!r}: no such file (expected a .pt2 package written by "
+                        f"compiled_unet.save or compiled with aot=True)")
+    try:
+        doc = read_package_doc(args.artifact)
+        signature, report = Signature.from_json(doc["signature"]), report_from_doc(doc)
+    except DamagedArtifact as e:
+        raise UserError(f"--artifact: {e}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"--artifact {args.artifact!r}: damaged artifact document ({type(e).__name__}: {e})")
+    size = os.path.getsize(args.artifact)
+    summary = {"format": doc.get("format"), "torch": doc.get("torch"), "inputs": signature.describe(),
+               "options": doc.get("options"), "package_bytes": size, "fused_qkv": doc.get("fused_qkv"),
+               "freeu": doc.get("freeu"), "passes": None if report is None else report.rewrites}
+    if args.format == "json":
+        print(json.dumps(summary, indent=1))
+        return 0
+    options = ", ".join(f"{k}={v}" for k, v in (doc.get("options") or {}).items() if v not in (None, False))
+    print(f"{args.artifact}: {doc.get('format')} (torch {doc.get('torch')}), {size / 2**20:.1f} MiB\n"
+          f"inputs:  {summary['inputs']}\noptions: {options or '-'}")
+    print("passes:" + (" not recorded (a saved jit graph, a compile with passes=None, or an older package)"
+                       if report is None else "\n" + report.table()))
     return 0
 
 
@@ -381,6 +418,8 @@ def main(argv=None) -> int:
     src.add_argument("--preset", default="tiny", help="tiny (default), sd15, sd21, sdxl")
     src.add_argument("--checkpoint", help="a diffusers-layout unet folder")
     src.add_argument("--program", help="a torch.export.save'd ExportedProgram (.pt2)")
+    src.add_argument("--artifact", help="a compiled .pt2 package (compiled_unet.save / aot=True): what it records "
+                                        "(inputs, options, weights, the pass report of its compile)")
     insp.add_argument("--batch", type=int, default=1)
     insp.add_argument("--size", type=int, default=None, help="latent height = width")
     insp.add_argument("--passes", action=argparse.BooleanOptionalAction, default=True,

@@ -115,3 +115,29 @@ def test_error_after_a_long_compile_is_one_line(capsys, tmp_path, monkeypatch):
     assert main(["compile", "--preset", "tiny", "--shapes", "1x8x8", "-o", str(blocker / "unet.pt2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("compiled-unet: error: ") and str(blocker) in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_an_artifact_shows_what_its_compile_recorded(capsys, tmp_path):
+    """`inspect --artifact` reads a package's document (no load): its inputs, options and the pass table of the
+    compile that made it; a saved jit graph says it recorded none; a bad file is a one-line error."""
+    import json
+
+    from compiled_fixtures import swappable
+
+    compiled, path = swappable()  # an AOT package (unfrozen), shared with test_inductor.py
+    assert main(["inspect", "--artifact", path]) == 0
+    out = capsys.readouterr().out
+    assert "sample: [2, 4, 8, 8] float32" in out and "aot=True" in out
+    assert "fuse_qkv" in out and compiled.report.table() in out
+    assert main(["inspect", "--artifact", path, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["passes"] == compiled.report.rewrites
+    jit_saved = tmp_path / "demo.pt2"
+    assert main(["demo", "--preset", "tiny", "--repeats", "1", "--artifact", str(jit_saved)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "--artifact", str(jit_saved)]) == 0
+    assert "passes: not recorded" in capsys.readouterr().out
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a package")
+    assert main(["inspect", "--artifact", str(bad)]) == 2
+    assert "not a compiled UNet artifact" in capsys.readouterr().err
+    assert main(["inspect", "--artifact", str(tmp_path / "missing.pt2")]) == 2
