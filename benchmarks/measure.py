@@ -163,8 +163,12 @@ def cpu_flags() -> dict:
                     break
     except OSError:
         pass
+    from compiled_unet.backends.vec_isa import ISA_CAP_VARIABLES
+
     capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "unknown")()
-    return {"capability": capability, "flags": [f for f in wanted if f in flags]}
+    # A cap (ONEDNN_MAX_CPU_ISA=AVX2, ...) makes an AVX-512 CPU run the AVX2 kernels: the row must say so.
+    caps = {k: os.environ[k] for k in ISA_CAP_VARIABLES if os.environ.get(k)}
+    return {"capability": capability, "flags": [f for f in wanted if f in flags], "caps": caps}
 
 
 def rss_bytes() -> int:
@@ -277,5 +281,7 @@ def describe(info: dict) -> str:
     """One line for RESULTS.md."""
     isa = info.get("cpu_isa") or {}
     where = info.get("gpu") or (f"{info['cpu']} ({info['cores']} cores, {info['torch_threads']} threads"
-                                + (f"; {isa['capability']}: {' '.join(isa['flags'])}" if isa else "") + ")")
+                                + (f"; {isa['capability']}: {' '.join(isa['flags'])}" if isa else "")
+                                + (f"; capped: {' '.join(f'{k}={v}' for k, v in isa['caps'].items())}"
+                                   if isa.get("caps") else "") + ")")
     return f"{where}; torch {info['torch']}"

@@ -175,3 +175,22 @@ def test_the_runs_peak_is_the_better_of_before_and_after_the_rounds():
     assert peak["gflops"] == 420.0 and peak["matmul"]["gflops"] == 200.0 and peak["conv3x3"]["gflops"] == 420.0
     assert (peak["before_gflops"], peak["after_gflops"]) == (339.0, 420.0)
     assert measure.better_peak(probe(210.0, 400.0), probe(190.0, 380.0))["gflops"] == 400.0
+
+
+def test_a_row_taken_under_an_isa_cap_says_so(monkeypatch):
+    """An AVX-512 CPU told to run AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) is an
+    AVX2 measurement on AVX-512 hardware: its row names the caps beside the flags the CPU lists."""
+    from benchmarks import measure
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    isa = measure.cpu_flags()
+    assert isa["caps"]["ONEDNN_MAX_CPU_ISA"] == "AVX2" and "MKL_ENABLE_INSTRUCTIONS" not in isa["caps"]
+    line = measure.describe({"cpu": "CPU", "cores": 2, "torch_threads": 2, "cpu_isa": isa, "torch": "x"})
+    assert "capped: " in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line
+    from compiled_unet.backends.vec_isa import ISA_CAP_VARIABLES
+
+    for k in ISA_CAP_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
+    assert "capped" not in measure.describe({"cpu": "CPU", "cores": 2, "torch_threads": 2,
+                                             "cpu_isa": measure.cpu_flags(), "torch": "x"})

@@ -42,6 +42,20 @@ def test_measured_once_per_machine_with_a_margin_for_mkl(fresh_cache, monkeypatc
 
 
 @needs_both
+def test_an_isa_cap_is_another_machine_for_the_choice(fresh_cache, monkeypatch):
+    # MKL_ENABLE_INSTRUCTIONS / ONEDNN_MAX_CPU_ISA change which kernels run: the AVX-512 answer does not hold.
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "measure_linear_kernels",
+                        lambda: (calls.append(1), {"onednn": 10.0, "mkl": 9.0})[1])
+    cpu_kernels.faster_linear_kernel()
+    cpu_kernels.faster_linear_kernel.cache_clear()
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    cpu_kernels.faster_linear_kernel()
+    assert calls == [1, 1]
+    assert len(os.listdir(fresh_cache / "compiled_unet_linear_kernel")) == 2
+
+
+@needs_both
 def test_the_measurement_times_both_kernels():
     times = cpu_kernels.measure_linear_kernels(rounds=2)
     assert set(times) == {"onednn", "mkl"} and all(v > 0 for v in times.values())

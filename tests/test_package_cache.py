@@ -99,6 +99,9 @@ def test_key_covers_weights_options_document_and_toolchain(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(torch, "__version__", "0.0.0")
         assert key != package_cache.package_key(ep, {"freezing": True}, {"doc": "a"})
+    with monkeypatch.context() as m:  # the same CPU capped to AVX2: other kernels, other packed layouts
+        m.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+        assert key != package_cache.package_key(ep, {"freezing": True}, {"doc": "a"})
 
 
 def test_tensors_the_key_cannot_read_are_not_cached():

@@ -6,9 +6,9 @@ Neither wins everywhere (benchmarks/NOTES.md): on an AMD EPYC the 1x1 convolutio
 which the freezing recipe (MKL for linears) beat our graph there. The answer is a property of the CPU and the
 libraries, not of a machine's name: the first compile on a machine times both kernels on four SD1.5 linear shapes
 (interleaved, medians, ~0.2 s) and records the winner in Inductor's cache folder under a key of what it depends
-on (torch's version, the CPU's model and ISA flags, torch's thread count). MKL is chosen only when it is at least
-5% faster, so a noisy measurement between two equal kernels keeps the default (oneDNN). The record is written
-once; delete it (or set `InductorOptions(linear_kernel=...)`) to decide otherwise.
+on (torch's version, the CPU's model, ISA flags and ISA caps, torch's thread count). MKL is chosen only when it
+is at least 5% faster, so a noisy measurement between two equal kernels keeps the default (oneDNN). The record
+is written once; delete it (or set `InductorOptions(linear_kernel=...)`) to decide otherwise.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import time
 import torch
 
 from .._atomic import write_atomic
-from .vec_isa import cpu_flags
+from .vec_isa import cpu_flags, isa_caps
 
 log = logging.getLogger("compiled_unet")
 
@@ -62,7 +62,7 @@ def faster_linear_kernel() -> str:
         return "onednn" if torch.backends.mkldnn.is_available() else "mkl"
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    identity = [torch.__version__, _cpu_model(), cpu_flags(), torch.get_num_threads()]
+    identity = [torch.__version__, _cpu_model(), cpu_flags(), isa_caps(), torch.get_num_threads()]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
     record = os.path.join(cache_dir(), "compiled_unet_linear_kernel", key + ".json")
     try:

@@ -17,7 +17,8 @@ them along with the lowering (SD1.5 32x32 on 2 cores: key ~1 s, then the load; t
     optimized program, which needs no pass source);
   * the compile: the Inductor config entries we pass and Inductor's, functorch's global configs (what a user
     set process-wide), torch's version and build, float32 matmul precision and oneDNN switches;
-  * the machine: the C++ compiler binary, the CPU's ISA flags, the Python version, and this module's and
+  * the machine: the C++ compiler binary, the CPU's ISA flags and any cap set on them (vec_isa.isa_caps: an
+    AVX-512 CPU told to run AVX2 builds other kernels and packs weights in other layouts), the Python version, and this module's and
     the Inductor backend's source (a change to how we compile is a new key);
   * the artifact document stored inside the package (signature, config, options, FreeU scales; before the
     passes, the caller's part of it: the rest is made by the passes from the program).
@@ -55,7 +56,7 @@ from .._source import source_digest
 from .._atomic import atomic_file
 from . import aoti_library
 from .aoti_library import KEEP_LIBRARIES, max_cache_bytes
-from .vec_isa import compiler_identity, cpu_flags
+from .vec_isa import compiler_identity, cpu_flags, isa_caps
 
 log = logging.getLogger("compiled_unet")
 
@@ -118,7 +119,7 @@ def _toolchain_hash(version: str, inductor_config: Mapping[str, Any], metadata: 
     h = hashlib.sha256()
     _add(h, version, torch.__version__, torch.version.git_version, sys.version,
          torch.get_float32_matmul_precision(), torch.backends.mkldnn.enabled,
-         torch.are_deterministic_algorithms_enabled(), compiler_identity(), cpu_flags())
+         torch.are_deterministic_algorithms_enabled(), compiler_identity(), cpu_flags(), isa_caps())
     for path in _SOURCES:
         with open(path, "rb") as f:
             h.update(hashlib.sha256(f.read()).digest())

@@ -134,3 +134,19 @@ def cpu_flags() -> list[str]:
         return sorted(cpu_vec_isa.x86_isa_checker())
     except Exception:  # not x86, or a torch without the checker: the compiler and torch still key the entry
         return []
+
+
+# Settings that cap the ISA torch's libraries run below what the CPU lists: ATen's dispatch and Inductor's C++
+# kernels (ATEN_CPU_CAPABILITY), oneDNN's kernels and weight layouts, MKL's code path. The same CPU under a cap
+# runs other kernels and packs weights in other layouts, so a record of machine-specific results keys them too.
+ISA_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_CPU_ISA_HINTS",
+                     "DNNL_CPU_ISA_HINTS", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
+
+
+def isa_caps() -> dict[str, str]:
+    """{variable: value} of the ISA caps set in this process's environment, plus the ISA ATen dispatches to."""
+    caps = {k: os.environ[k] for k in ISA_CAP_VARIABLES if os.environ.get(k)}
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    if capability is not None:
+        caps["aten"] = capability()
+    return caps
