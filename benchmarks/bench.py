@@ -233,7 +233,11 @@ same run, just before and just after the timed rounds (benchmarks/measure.py `me
 rows up to 2026-12-05's fifth 32x32 row: before the rounds only); % of peak = counted FLOPs (FlopCounterMode, one eager
 forward) / median time / peak. Compile times from fresh processes: cold = empty Inductor cache, warm = the
 cache the cold one filled. Compile memory = (weights + RSS added while compiling) / weights, the model
-counted once (raw process RSS peak / weights in the JSON record). Machine: CPU, torch's ISA, cpuinfo flags.
+counted once (raw process RSS peak / weights in the JSON record). Machine: CPU, torch's ISA, cpuinfo flags,
+and any ISA cap the run set ("capped: ONEDNN_MAX_CPU_ISA=AVX2 ...": AVX2 kernels on an AVX-512 CPU). "roofline: at
+most N%" (rows from 2026-12-05's seventeenth session on): the best % of peak one forward could reach if each
+convolution, linear and attention took max(its FLOPs / peak, its weights' bytes / the run's measured read
+bandwidth) (benchmarks/roofline.py).
 
 | date | machine | case | eager ms | recipe ms | ours ms | vs eager | vs recipe | peak GFLOP/s (mm / conv) | % of peak: recipe / ours | rel L2 | cold s: recipe / ours (ratio) | warm s: recipe / ours (ours warm/cold) | compile memory x weights: recipe / ours | record |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
@@ -266,6 +270,14 @@ def table(record: dict) -> str:
     if record.get("peak"):
         lines.append(f"peak {record['peak']['gflops']:.0f} GFLOP/s ({record['peak']['method']}); one forward "
                      f"{record['flops'] / 1e9:.1f} GFLOP; mem x = compile peak host memory / weights (model counted once)")
+    if record.get("roofline"):
+        r = record["roofline"]
+        best = [v for v in record["variants"] if v.get("percent_of_roofline")]
+        best = max(best, key=lambda v: v["percent_of_roofline"], default=None)
+        lines.append(f"roofline (benchmarks/roofline.py): weights read at {r['read_gbytes_per_s']:.1f} GB/s; at least "
+                     f"{r['per_layer_ms']:.0f} ms layer by layer = at most {r['best_percent_of_peak']['per_layer']:.1f}% "
+                     f"of peak ({r['overlapped_ms']:.0f} ms / {r['best_percent_of_peak']['overlapped']:.1f}% overlapped)"
+                     + (f"; {best['name']} at {best['percent_of_roofline']:.1f}% of the per-layer bound" if best else ""))
     lines.append(f"speed-up = role ms / variant ms (eager: {record['roles'].get('a')}, recipe: {record['roles'].get('b')}); "
                  f"rel L2 vs {record['error_reference']}; peak MB: {record['memory_method']}")
     return "\n".join(lines)
@@ -290,6 +302,7 @@ def _results_row(record: dict, json_path: str) -> str:
     # `compiled_unet.compile` users get; the AOT package's figures are in the record and the printed table.
     best = by.get("ours-inductor") or (min(ours, key=lambda v: v["median_ms"]) if ours else None)
     peak = record.get("peak") or {}
+    roof = record.get("roofline")
 
     def ms(v):
         return f"{v['median_ms']:.1f}" if v else "-"
@@ -309,7 +322,8 @@ def _results_row(record: dict, json_path: str) -> str:
              f"{ms(best)} ({best['name']})" if best else "-",
              _ratio(best and best["speedup_vs_eager"]), _ratio(best and best["speedup_vs_recipe"]),
              f"{_fmt(peak.get('matmul', {}).get('gflops'), '.0f')} / {_fmt(peak.get('conv3x3', {}).get('gflops'), '.0f')}",
-             f"{pct(b)} / {pct(best)}", _fmt(best and best["rel_l2_err"], ".1e"),
+             f"{pct(b)} / {pct(best)}" + (f" (roofline: at most {roof['best_percent_of_peak']['per_layer']:.0f}%)"
+                                          if roof else ""), _fmt(best and best["rel_l2_err"], ".1e"),
              f"{_fmt(b and b.get('compile_cold_s'), '.0f')} / {_fmt(best and best.get('compile_cold_s'), '.0f')} "
              f"({_ratio(cold_ratio)})",
              f"{_fmt(b and b.get('compile_warm_s'), '.0f')} / {_fmt(best and best.get('compile_warm_s'), '.0f')} "
@@ -464,11 +478,24 @@ def main(argv=None) -> int:
         for name, secs in times.items():
             rows[name].update(measure.summarize(secs), times_ms=[s * 1e3 for s in secs])
 
+        roofline = None
+        if peak and device.type == "cpu":
+            from . import roofline as rl
+
+            bandwidth = rl.read_bandwidth()
+            roofline = rl.bounds(rl.matmul_ops(case.ours, lambda: case.ours(case.sample, case.timestep, **case.kwargs,
+                                                                            return_dict=False)),
+                                 peak["gflops"], bandwidth["gbytes_per_s"])
+            log(f"roofline: weights read at {bandwidth['gbytes_per_s']:.1f} GB/s; one forward needs at least "
+                f"{roofline['per_layer_ms']:.0f} ms layer by layer (best {roofline['best_percent_of_peak']['per_layer']:.1f}% "
+                f"of peak), {roofline['overlapped_ms']:.0f} ms overlapped, {roofline['compute_ms']:.0f} ms at the peak")
         if peak:
             for name in times:
                 row = rows[name]
                 row["gflops"] = flops / (row["median_ms"] / 1e3) / 1e9
                 row["percent_of_peak"] = 100 * row["gflops"] / peak["gflops"]
+                if roofline:
+                    row["percent_of_roofline"] = 100 * roofline["per_layer_ms"] / row["median_ms"]
         roles = {r: next((n for n, b in built.items() if b.role == r), None) for r in "ab"}
         for row in rows.values():
             for key, role in (("speedup_vs_eager", "a"), ("speedup_vs_recipe", "b")):
@@ -505,7 +532,7 @@ def main(argv=None) -> int:
         "memory_method": measure.MEMORY_METHOD[device_tag],
         "variants": [{**{k: row.get(k) for k in order}, **{k: v for k, v in row.items() if k not in order}}
                      for row in rows.values()],
-        "profile": profile, "peak": peak, "flops": flops,
+        "profile": profile, "peak": peak, "flops": flops, "roofline": roofline,
     }
     for row in record["variants"]:
         if row.get("role") is None:

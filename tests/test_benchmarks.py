@@ -194,3 +194,24 @@ def test_a_row_taken_under_an_isa_cap_says_so(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     assert "capped" not in measure.describe({"cpu": "CPU", "cores": 2, "torch_threads": 2,
                                              "cpu_isa": measure.cpu_flags(), "torch": "x"})
+
+
+def test_roofline_counts_each_layers_flops_and_weight_bytes():
+    """The per-layer bound: each matmul-class op takes at least max(FLOPs / peak, weight bytes / bandwidth)."""
+    import torch
+
+    from benchmarks import roofline
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
+    x = torch.randn(2, 3, 4, 4)
+    ops = roofline.matmul_ops(model, lambda: model(x))
+    conv_flops, linear_flops = 2 * (2 * 8 * 4 * 4) * 3 * 9, 2 * 2 * 128 * 5
+    assert [f for f, _ in ops] == [conv_flops, linear_flops]
+    # Each op reads its own weight and bias, once; activations are not weights.
+    assert [b for _, b in ops] == [4 * (8 * 3 * 9 + 8), 4 * (5 * 128 + 5)]
+
+    b = roofline.bounds([(2_000_000_000, 1_000_000_000), (4_000_000_000, 0)], peak_gflops=100.0, gbytes_per_s=10.0)
+    assert math.isclose(b["compute_ms"], 60.0)                  # 6 GFLOP at 100 GFLOP/s
+    assert math.isclose(b["per_layer_ms"], 100.0 + 40.0)        # the first op waits for its 1 GB of weights
+    assert math.isclose(b["overlapped_ms"], 100.0)              # all weight traffic under all compute, at best
+    assert math.isclose(b["best_percent_of_peak"]["per_layer"], 100 * 60 / 140)
