@@ -2,6 +2,7 @@
 
     python -m benchmarks.donate_memory                 # SD1.5 32x32 batch 1, float32 CPU: jit default, then AOT
     python -m benchmarks.donate_memory --modes jit     # only the jit default
+    python -m benchmarks.donate_memory --preset sdxl --modes jit --weights donate   # SDXL where 2x does not fit
 
 Peak RSS is the kernel's high-water mark around the compile and first output (measure.PeakRss, reset on entry),
 reported as bench.py reports compile memory: x the weights' bytes with the model counted once, i.e.
@@ -59,10 +60,14 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--modes", default="jit,aot", help="jit, aot or both (comma-separated)")
+    p.add_argument("--weights", default="plain,donate",
+                   help="plain, donate or both (comma-separated): SDXL's plain compile needs ~2x its 10.3 GB")
     p.add_argument("--cache-root", default=None, help="a fresh Inductor and package cache per case under this folder")
     p.add_argument("--json", default=None, help="also write the machine and every case's record here")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not set(args.weights.split(",")) <= {"plain", "donate"} or not set(args.modes.split(",")) <= {"jit", "aot"}:
+        p.error("--modes takes jit and/or aot, --weights plain and/or donate")
     if args.case:  # the child: one case, its record as the last line
         mode, donate = args.case.split(":")
         print(json.dumps(_case(args.preset, args.size, args.batch, mode, donate == "donate")))
@@ -73,7 +78,7 @@ def main() -> None:
     print(describe(info))
     records = []
     for mode in args.modes.split(","):
-        for donate in ("plain", "donate"):
+        for donate in args.weights.split(","):
             env = dict(os.environ, COMPILED_UNET_PROGRESS="0")
             if args.cache_root:
                 root = os.path.join(os.path.abspath(args.cache_root), f"{mode}-{donate}")
