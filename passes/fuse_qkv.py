@@ -67,8 +67,13 @@ def fuse_qkv(gm: fx.GraphModule, ctx) -> int:
             for i, (node, *_rest) in enumerate(members):
                 item = ctx.call(operator.getitem, (parts, i), like=node)
                 node.replace_all_uses_with(item)
-        for node, *_rest in members:
+        for node, _x, weight, bias in members:
             graph.erase_node(node)
+            # The separate weights go now, not at the clean-up after the pass: donated, their memory is freed
+            # before the next group's fused copy is made (SDXL: 2.4 GB of fused weights, 1.25x -> see NOTES.md).
+            for tensor_node in (weight, bias):
+                if tensor_node is not None:
+                    ctx.release(tensor_node)
         n += 1
         log.info("fuse_qkv: %s %s -> %s", module, "+".join(leaves), fused)
     log.info("fuse_qkv: %d projection group(s) fused", n)

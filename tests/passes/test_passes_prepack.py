@@ -143,6 +143,35 @@ def test_fused_weights_are_freed_as_they_are_packed(monkeypatch):
         assert_close(out.module()(x), model(x), scale_tol=1e-5)
 
 
+def test_donated_projections_are_freed_before_the_next_group_is_fused(monkeypatch):
+    """Memory, donated: fuse_qkv frees each module's separate Q/K/V weights right after fusing them, so the fused
+    copies never pile up beside the originals (SDXL: 2.4 GB of them, the donated compile's peak 1.25x before);
+    the fused program still matches an untouched copy of the model (fp32 max-abs <= 1e-5 x max(1, |ref|))."""
+    import copy
+
+    model, x = TwoAttentions().eval(), torch.randn(1, 8, 16)
+    reference = copy.deepcopy(model)
+    alive_at_each_fusion = []
+    cat = torch.cat
+
+    def spy_cat(tensors, *args, **kwargs):
+        alive_at_each_fusion.append(sorted(name for name, p in model.named_parameters()
+                                           if "to_" in name and p.untyped_storage().nbytes()))
+        return cat(tensors, *args, **kwargs)
+
+    ep = torch.export.export(model, (x,))
+    monkeypatch.setattr(torch, "cat", spy_cat)
+    out, report = passes.optimize(ep, [passes.fuse_qkv], passes.OptimizeConfig(donate_weights=True))
+    monkeypatch.undo()
+    assert report["fuse_qkv"] == 2
+    # One concatenation per module (no biases): module a's, then module b's, when a's projections are gone.
+    first, second = alive_at_each_fusion
+    assert first == ["a.to_k.weight", "a.to_q.weight", "a.to_v.weight"] + [f"b.to_{k}.weight" for k in "kqv"]
+    assert second == [f"b.to_{k}.weight" for k in "kqv"]
+    with torch.no_grad():
+        assert_close(out.module()(x), reference(x), scale_tol=1e-5)
+
+
 def test_evaluate_copies_only_what_a_pass_keeps():
     """PassContext.evaluate reads weights without cloning them; a result that is a view of a weight comes back
     as a copy (what a pass keeps must not follow later in-place writes to the model), unless may_alias."""
