@@ -163,12 +163,11 @@ def cpu_flags() -> dict:
                     break
     except OSError:
         pass
-    from compiled_unet.backends.vec_isa import ISA_CAP_VARIABLES
+    from compiled_unet.backends.vec_isa import isa_cap_settings
 
     capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "unknown")()
     # A cap (ONEDNN_MAX_CPU_ISA=AVX2, ...) makes an AVX-512 CPU run the AVX2 kernels: the row must say so.
-    caps = {k: os.environ[k] for k in ISA_CAP_VARIABLES if os.environ.get(k)}
-    return {"capability": capability, "flags": [f for f in wanted if f in flags], "caps": caps}
+    return {"capability": capability, "flags": [f for f in wanted if f in flags], "caps": isa_cap_settings()}
 
 
 def rss_bytes() -> int:

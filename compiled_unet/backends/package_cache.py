@@ -18,8 +18,8 @@ them along with the lowering (SD1.5 32x32 on 2 cores: key ~1 s, then the load; t
   * the compile: the Inductor config entries we pass and Inductor's, functorch's global configs (what a user
     set process-wide), torch's version and build, float32 matmul precision and oneDNN switches;
   * the machine: the C++ compiler binary, the CPU's ISA flags and any cap set on them (vec_isa.isa_caps: an
-    AVX-512 CPU told to run AVX2 builds other kernels and packs weights in other layouts), the Python version, and this module's and
-    the Inductor backend's source (a change to how we compile is a new key);
+    AVX-512 CPU told to run AVX2 builds other kernels and packs weights in other layouts), the Python version,
+    and this module's and the Inductor backend's source (a change to how we compile is a new key);
   * the artifact document stored inside the package (signature, config, options, FreeU scales; before the
     passes, the caller's part of it: the rest is made by the passes from the program).
 What is not covered (a tensor subclass or layout we cannot read, a program on a device other than CPU/CUDA)

@@ -143,9 +143,14 @@ ISA_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_
                      "DNNL_CPU_ISA_HINTS", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
 
 
+def isa_cap_settings() -> dict[str, str]:
+    """{variable: value} of the ISA caps set in this process's environment."""
+    return {k: os.environ[k] for k in ISA_CAP_VARIABLES if os.environ.get(k)}
+
+
 def isa_caps() -> dict[str, str]:
-    """{variable: value} of the ISA caps set in this process's environment, plus the ISA ATen dispatches to."""
-    caps = {k: os.environ[k] for k in ISA_CAP_VARIABLES if os.environ.get(k)}
+    """`isa_cap_settings()` plus the ISA ATen dispatches to: what keys records of machine-specific results."""
+    caps = isa_cap_settings()
     capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
     if capability is not None:
         caps["aten"] = capability()
